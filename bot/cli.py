@@ -1,0 +1,49 @@
+"""The `ritmo` command line (same as `python -m bot`): download, train, backtest, run, status, info."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from bot.errors import EXIT_RUNTIME, RitmoError
+
+# subcommand -> (module with add_arguments(parser) and main(args) -> int, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "download": ("bot.download", "download exchange candles into a CSV/Parquet file (resumable)"),
+    "train": ("bot.training", "train a policy offline with REINFORCE and the 1:10 rhythm"),
+    "backtest": ("bot.backtesting", "backtest a policy over a period, beside buy-and-hold and flat"),
+    "info": ("bot.info", "parameter counts per part, features, checkpoint metadata"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one subparser per command."""
+    parser = argparse.ArgumentParser(prog="ritmo", description="ritmo: RL trading daemon for 5-minute candles")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, run the command, turn our errors into one line and an exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._module.main(args) or 0)
+    except RitmoError as exc:
+        print(f"ritmo {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"ritmo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,200 @@
+"""Backtest a policy over a period with the shared accounting, next to buy-and-hold and flat (pure code).
+
+Timeline (DESIGN §2, §5). The period is candles i0 .. i1-1 (open times in [from, to)). The account is flat
+with `initial_cash` at the close of candle i0-1, which is the instant `from`. The decision taken at the
+close of candle t (using only candles <= t) fills at the open of t+1; equity is marked at every close.
+So decisions are taken at the closes of i0-1 .. i1-2 (one per period candle) and the equity curve has
+one point at `from` plus one per period candle close. Nothing is sold at the end: every strategy is
+marked to market at the last close, so no one pays an exit fee the others do not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from strategies.accounting import BUY, Ledger
+from strategies.policy import decision_uniforms
+
+PERIODS_PER_YEAR = 365 * 288  # 5-minute candles in a 365-day year, for annualising Sharpe and Sortino
+
+
+@dataclass(frozen=True)
+class TradeRecord:
+    """One executed trade of a backtest."""
+
+    ts_ms: int  # open time of the candle whose open was the fill
+    side: str
+    qty_base: float
+    price: float
+    fee_quote: float
+    position_after: float
+
+
+@dataclass
+class Metrics:
+    """Summary figures of one equity curve; see README "Backtest JSON keys"."""
+
+    total_return: float
+    final_equity: float
+    sharpe: float
+    sortino: float
+    max_drawdown: float
+    n_trades: int
+    turnover: float
+    fees_quote: float
+    share_long: float
+    share_short: float
+    share_flat: float
+
+    def to_dict(self) -> dict:
+        """JSON-able dict with non-finite numbers turned into None."""
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class BacktestResult:
+    """Equity curves, trades and metrics of a policy, buy-and-hold and flat over the same candles."""
+
+    equity_ts_ms: np.ndarray  # (n+1,) close instants: from, then each period candle's close
+    policy_equity: np.ndarray  # (n+1,)
+    hold_equity: np.ndarray  # (n+1,)
+    flat_equity: np.ndarray  # (n+1,)
+    positions: np.ndarray  # (n,) position held during each period candle
+    actions: np.ndarray  # (n,) action taken at each decision
+    trades: list[TradeRecord] = field(default_factory=list)
+    policy: Metrics | None = None
+    buy_and_hold: Metrics | None = None
+    flat: Metrics | None = None
+
+
+def equity_metrics(
+    equity: np.ndarray, positions: np.ndarray, n_trades: int, turnover_quote: float, fees_quote: float
+) -> Metrics:
+    """Metrics from an equity curve (n+1,) and the positions held over its n steps (n,)."""
+    equity = np.asarray(equity, dtype=np.float64)
+    r = np.diff(np.log(equity))
+    if r.size > 1 and r.std() > 0:
+        sharpe = float(r.mean() / r.std() * math.sqrt(PERIODS_PER_YEAR))
+    else:
+        sharpe = float("nan")
+    downside = float(np.sqrt(np.mean(np.minimum(r, 0.0) ** 2))) if r.size else 0.0
+    sortino = float(r.mean() / downside * math.sqrt(PERIODS_PER_YEAR)) if downside > 0 else float("nan")
+    peak = np.maximum.accumulate(equity)
+    max_dd = float(np.max(1.0 - equity / peak)) if equity.size else 0.0
+    n = max(positions.size, 1)
+    return Metrics(
+        total_return=float(equity[-1] / equity[0] - 1.0),
+        final_equity=float(equity[-1]),
+        sharpe=sharpe,
+        sortino=sortino,
+        max_drawdown=max_dd,
+        n_trades=int(n_trades),
+        turnover=float(turnover_quote / equity[0]),
+        fees_quote=float(fees_quote),
+        share_long=float(np.count_nonzero(positions > 0) / n),
+        share_short=float(np.count_nonzero(positions < 0) / n),
+        share_flat=float(np.count_nonzero(positions == 0) / n),
+    )
+
+
+def run_backtest(
+    probs: np.ndarray,
+    ts_ms: np.ndarray,
+    open_prices: np.ndarray,
+    close_prices: np.ndarray,
+    *,
+    mode: str,
+    commission: float,
+    slippage_bps: float = 0.0,
+    greedy: bool = False,
+    seed: int = 0,
+    initial_cash: float = 10_000.0,
+) -> BacktestResult:
+    """Run the policy sequentially over one period.
+
+    probs: (n, 3 positions, 3 actions) eval-mode probabilities for the decisions at the closes of
+      candles i0-1 .. i1-2 (row k is the decision whose fill is at the open of period candle k);
+    ts_ms, open_prices, close_prices: (n,) the period candles i0 .. i1-1.
+    The decision's uniform number is keyed by the open time of the candle it is taken on (ts_ms[k] - 5 min).
+    """
+    n = int(ts_ms.shape[0])
+    if not (probs.shape[0] == n == open_prices.shape[0] == close_prices.shape[0]):
+        raise ValueError("probs, ts_ms, open_prices and close_prices must have the same length")
+    if n == 0:
+        raise ValueError("the backtest period holds no candles")
+    decision_ts = np.asarray(ts_ms, dtype=np.int64) - 300_000
+    if greedy:
+        actions = np.argmax(probs, axis=2)  # (n, 3): the greedy action for each position state
+    else:
+        u = decision_uniforms(seed, decision_ts)
+        cdf = np.cumsum(probs, axis=2)
+        # inverse CDF for every position state at once; the loop below only picks the row it needs
+        actions = (u[:, None, None] >= cdf[:, :, :2]).sum(axis=2)
+    actions_list = actions.tolist()
+    opens = open_prices.tolist()
+    closes = close_prices.tolist()
+    ts_list = np.asarray(ts_ms, dtype=np.int64).tolist()
+
+    ledger = Ledger(cash_quote=float(initial_cash))
+    equity = [float(initial_cash)]
+    positions = [0.0] * n
+    taken = [0] * n
+    trades: list[TradeRecord] = []
+    for k in range(n):
+        pos_idx = int(ledger.position) + 1
+        action = actions_list[k][pos_idx]
+        taken[k] = action
+        fill = ledger.apply_action(action, opens[k], commission, slippage_bps, mode)
+        if fill is not None:
+            trades.append(
+                TradeRecord(ts_list[k], fill.side, fill.qty_base, fill.price, fill.fee_quote, fill.position_after)
+            )
+        positions[k] = float(ledger.position)
+        equity.append(ledger.equity(closes[k]))
+
+    pos_arr = np.asarray(positions)
+    policy_equity = np.asarray(equity)
+    hold_equity, hold_metrics = _buy_and_hold(open_prices, close_prices, commission, slippage_bps, initial_cash, mode)
+    flat_equity = np.full(n + 1, float(initial_cash))
+    result = BacktestResult(
+        equity_ts_ms=np.concatenate([[decision_ts[0] + 300_000], np.asarray(ts_ms, dtype=np.int64) + 300_000]),
+        policy_equity=policy_equity,
+        hold_equity=hold_equity,
+        flat_equity=flat_equity,
+        positions=pos_arr,
+        actions=np.asarray(taken, dtype=np.int64),
+        trades=trades,
+    )
+    result.policy = equity_metrics(policy_equity, pos_arr, len(trades), ledger.turnover_quote, ledger.fees_quote)
+    result.buy_and_hold = hold_metrics
+    result.flat = equity_metrics(flat_equity, np.zeros(n), 0, 0.0, 0.0)
+    return result
+
+
+def _buy_and_hold(
+    open_prices: np.ndarray,
+    close_prices: np.ndarray,
+    commission: float,
+    slippage_bps: float,
+    initial_cash: float,
+    mode: str,
+) -> tuple[np.ndarray, Metrics]:
+    """Buy at the first period open with the same accounting, hold, mark at every close."""
+    ledger = Ledger(cash_quote=float(initial_cash))
+    ledger.apply_action(BUY, float(open_prices[0]), commission, slippage_bps, mode)
+    equity = np.concatenate([[initial_cash], ledger.cash_quote + ledger.qty_base * np.asarray(close_prices)])
+    metrics = equity_metrics(
+        equity, np.ones(len(close_prices)), ledger.n_trades, ledger.turnover_quote, ledger.fees_quote
+    )
+    return equity, metrics
+
+
+def period_rows(ts_ms: np.ndarray, from_ms: int, to_ms: int) -> tuple[int, int]:
+    """Row range [i0, i1) of the candles whose open time lies in [from_ms, to_ms)."""
+    ts = np.asarray(ts_ms, dtype=np.int64)
+    i0 = int(np.searchsorted(ts, from_ms, side="left"))
+    i1 = int(np.searchsorted(ts, to_ms, side="left"))
+    return i0, i1

@@ -1,0 +1,173 @@
+"""The policy network of the architecture card (DESIGN §4) and reproducible action sampling.
+
+MacroNet reads the 492-candle window aggregate, MicroNet the 60-candle one; the decision head reads
+their embeddings plus the position and the cash ratio and outputs HOLD/BUY/SELL probabilities.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+N_ACTIONS = 3
+MACRO_EMBED = 128
+MICRO_EMBED = 32
+DROPOUT = 0.2
+PART_NAMES = ("macro", "micro", "head")
+POSITION_STATES = (-1.0, 0.0, 1.0)  # the position axis of the all-positions tables is position + 1
+
+
+class MacroNet(nn.Module):
+    """Long-horizon encoder: (batch, 3 * n_features) -> (batch, 128)."""
+
+    def __init__(self, n_features: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(3 * n_features, 256), nn.ReLU(), nn.Dropout(DROPOUT), nn.Linear(256, MACRO_EMBED), nn.ReLU()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, 3 * n_features) -> (batch, 128)."""
+        return self.net(x)
+
+
+class MicroNet(nn.Module):
+    """Short-horizon encoder: (batch, 3 * n_features) -> (batch, 32)."""
+
+    def __init__(self, n_features: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(3 * n_features, 64), nn.ReLU(), nn.Dropout(DROPOUT), nn.Linear(64, MICRO_EMBED), nn.ReLU()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, 3 * n_features) -> (batch, 32)."""
+        return self.net(x)
+
+
+class DecisionHead(nn.Module):
+    """concat(macro 128, micro 32, position 1, cash ratio 1) = 162 -> logits (batch, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(MACRO_EMBED + MICRO_EMBED + 2, 128),
+            nn.ReLU(),
+            nn.Dropout(DROPOUT),
+            nn.Linear(128, 64),
+            nn.ReLU(),
+            nn.Dropout(DROPOUT),
+            nn.Linear(64, N_ACTIONS),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """(batch, 162) -> logits (batch, 3); softmax of them is the action distribution."""
+        return self.net(z)
+
+
+class PolicyNet(nn.Module):
+    """MacroNet + MicroNet + decision head; N = 20 gives 83,811 parameters."""
+
+    def __init__(self, n_features: int = 20) -> None:
+        super().__init__()
+        self.n_features = n_features
+        self.macro = MacroNet(n_features)
+        self.micro = MicroNet(n_features)
+        self.head = DecisionHead()
+
+    def head_logits(self, macro_emb: torch.Tensor, micro_emb: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, 3) from embeddings (batch, 128), (batch, 32) and position (batch,)."""
+        pos = position.to(macro_emb.dtype).unsqueeze(-1)
+        z = torch.cat([macro_emb, micro_emb, pos, 1.0 - pos.abs()], dim=-1)
+        return self.head(z)
+
+    def forward(self, macro_x: torch.Tensor, micro_x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Action probabilities (batch, 3) from (batch, 3N), (batch, 3N) and position (batch,)."""
+        logits = self.head_logits(self.macro(macro_x), self.micro(micro_x), position)
+        return torch.softmax(logits, dim=-1)
+
+
+def parameter_counts(model: PolicyNet) -> dict[str, int]:
+    """Trainable parameters per part and in total."""
+    counts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in PART_NAMES}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def head_logits_all_positions(model: PolicyNet, macro_emb: torch.Tensor, micro_emb: torch.Tensor) -> torch.Tensor:
+    """Logits (n, 3 positions, 3 actions) for the position states -1, 0, +1 from embeddings (n, 128), (n, 32).
+
+    The head's first layer is linear in (embeddings, position, cash ratio), so its position-independent
+    part is computed once and only the two position columns differ between the three states.
+    Follows the module's train/eval mode (dropout) like the plain forward.
+    """
+    first = model.head.net[0]
+    n_emb = MACRO_EMBED + MICRO_EMBED
+    pre = torch.nn.functional.linear(torch.cat([macro_emb, micro_emb], dim=-1), first.weight[:, :n_emb], first.bias)
+    w_pos, w_cash = first.weight[:, n_emb], first.weight[:, n_emb + 1]
+    h = torch.stack([pre + p * w_pos + (1.0 - abs(p)) * w_cash for p in POSITION_STATES], dim=1)
+    return model.head.net[1:](h)
+
+
+@torch.no_grad()
+def probs_for_all_positions(
+    model: PolicyNet, macro_x: torch.Tensor, micro_x: torch.Tensor, batch_size: int = 65536
+) -> torch.Tensor:
+    """Eval-mode probabilities for every position state: (n, 3N) x2 -> (n, 3 positions, 3 actions).
+
+    The encoders do not depend on the position, which takes only the values -1, 0, +1; so a whole
+    period can be evaluated in batches and a sequential policy run then only indexes this table.
+    Index the position axis with `position + 1`.
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for lo in range(0, macro_x.shape[0], batch_size):
+            m = model.macro(macro_x[lo : lo + batch_size])
+            u = model.micro(micro_x[lo : lo + batch_size])
+            out.append(torch.softmax(head_logits_all_positions(model, m, u), dim=-1))
+    finally:
+        model.train(was_training)
+    return torch.cat(out, dim=0) if out else torch.empty(0, 3, N_ACTIONS)
+
+
+# --- reproducible sampling ------------------------------------------------------------------------
+# A decision's random number depends only on (seed, candle time), so a restart, a replay and a
+# backtest agree whatever ran before. SplitMix64 is a well-tested 64-bit mixer that vectorises in numpy.
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return z ^ (z >> np.uint64(31))
+
+
+def decision_uniforms(seed: int, ts_ms: np.ndarray | int) -> np.ndarray:
+    """Uniform numbers in [0, 1), one per candle open time, from (seed, ts_ms) only: shape of ts_ms."""
+    ts = np.asarray(ts_ms, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.full(ts.shape, np.uint64(seed & 0xFFFFFFFFFFFFFFFF), dtype=np.uint64))
+        bits = _splitmix64(key ^ ts)
+    # top 53 bits -> a double in [0, 1)
+    return (bits >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def sample_action(probs: np.ndarray | list[float], u: float) -> int:
+    """Inverse-CDF sample of one action from probabilities (3,) and a uniform u in [0, 1)."""
+    c0 = float(probs[0])
+    if u < c0:
+        return 0
+    if u < c0 + float(probs[1]):
+        return 1
+    return 2
+
+
+def greedy_action(probs: np.ndarray | list[float]) -> int:
+    """The most probable action (ties go to the lower index: HOLD before BUY before SELL)."""
+    return int(np.argmax(np.asarray(probs)))

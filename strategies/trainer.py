@@ -1,0 +1,258 @@
+"""REINFORCE with the 1:10 rhythm (DESIGN §6), vectorised over a batch of episodes (pure: tensors in, metrics out).
+
+One update:
+  1. rollout  - B episodes of L decisions at random start rows of the training period, in eval mode
+                (dropout off, as the daemon acts) and without autograd. The encoders do not depend on the
+                position, so MacroNet and MicroNet run once over all B*L rows; only the cheap head-table
+                lookup and the accounting run step by step, batched over B.
+  2. returns  - G_t = sum_k gamma^k r_{t+k} inside each episode, normalised over the batch.
+  3. update   - loss = -mean(log pi(a_t|s_t) * G_hat_t) recomputed with dropout on. Update k learns
+                MacroNet only when k % macro_every == 0 (asymmetric) or always (symmetric). On the other
+                updates MacroNet runs without autograd (its rollout embedding is reused: the same eval-mode
+                forward) and its optimiser does not step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from strategies.env import VectorTradingEnv
+from strategies.policy import PolicyNet, head_logits_all_positions
+
+SCHEDULES = ("asymmetric", "symmetric")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run; every field is recorded in the checkpoint."""
+
+    updates: int = 2200
+    """number of updates K (each one REINFORCE step on a batch of episodes)"""
+    episodes_per_update: int = 128
+    """B: episodes per update, rolled out as one vectorised batch"""
+    episode_steps: int = 288
+    """L: decisions per episode (288 = one day of 5-minute candles)"""
+    schedule: str = "asymmetric"
+    """asymmetric: MacroNet learns on k % macro_every == 0 only; symmetric: every part every update"""
+    macro_every: int = 11
+    """rhythm period: 11 gives the card's 1:10 (MacroNet 1 update per 11, the others 11)"""
+    lr_macro: float = 1e-4
+    """Adam learning rate of MacroNet"""
+    lr_rest: float = 5e-4
+    """Adam learning rate of MicroNet + decision head"""
+    gamma: float = 0.99
+    """discount of the per-step log-return rewards"""
+    entropy_coef: float = 0.0
+    """entropy bonus (extra beyond the card; off by default)"""
+    grad_clip: float = 0.0
+    """max global gradient norm per optimiser (extra beyond the card; 0 = off)"""
+    position_mode: str = "long_short"
+    """long_short or long_only"""
+    commission: float = 0.001
+    """commission per side, fraction of notional"""
+    slippage_bps: float = 0.0
+    """fill price moved against us, basis points"""
+    seed: int = 0
+    """seeds the initial weights, episode starts, action sampling and dropout"""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        for name in ("updates", "episodes_per_update", "episode_steps", "macro_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.episodes_per_update * self.episode_steps < 2:
+            raise ValueError("a batch needs at least 2 steps to normalise returns")
+        if not 0 < self.gamma <= 1:
+            raise ValueError("gamma must be in (0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able copy."""
+        return asdict(self)
+
+
+@dataclass
+class Rollout:
+    """A batch of episodes; every tensor is (B, L) unless said otherwise."""
+
+    rows: torch.Tensor  # int64 decision rows into the observation arrays
+    positions: torch.Tensor  # float32 position state before each decision
+    actions: torch.Tensor  # int64
+    rewards: torch.Tensor  # float64 ln(E_{t+1}/E_t)
+    macro_emb: torch.Tensor  # (B*L, 128) eval-mode embeddings, reused when MacroNet is frozen
+
+
+@dataclass
+class RhythmState:
+    """The rhythm counter and how often each optimiser has stepped (persisted in checkpoints)."""
+
+    k: int = 0
+    macro_updates: int = 0
+    rest_updates: int = 0
+
+
+def is_macro_update(k: int, schedule: str, macro_every: int) -> bool:
+    """Whether update number k (0-based) trains MacroNet."""
+    return schedule == "symmetric" or k % macro_every == 0
+
+
+def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = sum_{j>=t} gamma^(j-t) r_j within each episode: (B, L) -> (B, L), one matmul."""
+    steps = rewards.shape[1]
+    idx = torch.arange(steps, dtype=rewards.dtype)
+    expo = idx[:, None] - idx[None, :]  # (j, t) -> j - t
+    discount = torch.where(expo >= 0, torch.pow(torch.as_tensor(gamma, dtype=rewards.dtype), expo.clamp(min=0)), 0)
+    return rewards @ discount
+
+
+def _grad_norm(params: list[nn.Parameter]) -> float:
+    grads = [p.grad.detach().flatten() for p in params if p.grad is not None]
+    return float(torch.cat(grads).norm()) if grads else 0.0
+
+
+@dataclass
+class Trainer:
+    """Owns the model, both Adam optimisers, the rhythm counter and the sampling generator."""
+
+    model: PolicyNet
+    cfg: TrainConfig
+    macro_x: torch.Tensor  # (n, 3N) float32 standardised macro-window aggregates
+    micro_x: torch.Tensor  # (n, 3N) float32
+    open_prices: torch.Tensor  # (n,) float64
+    close_prices: torch.Tensor  # (n,) float64
+    start_rows: torch.Tensor  # (m,) int64 rows where an episode may start (all L steps inside the period)
+    rhythm: RhythmState = field(default_factory=RhythmState)
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+    def __post_init__(self) -> None:
+        self.cfg.validate()
+        if self.start_rows.numel() == 0:
+            raise ValueError("no episode fits in the training period: shorten episode_steps or widen the period")
+        self.opt_macro = torch.optim.Adam(self.model.macro.parameters(), lr=self.cfg.lr_macro)
+        self.rest_params = list(self.model.micro.parameters()) + list(self.model.head.parameters())
+        self.opt_rest = torch.optim.Adam(self.rest_params, lr=self.cfg.lr_rest)
+        self.env = VectorTradingEnv(
+            self.open_prices,
+            self.close_prices,
+            mode=self.cfg.position_mode,
+            commission=self.cfg.commission,
+            slippage_bps=self.cfg.slippage_bps,
+        )
+
+    # --- state for checkpoints ----------------------------------------------------------------
+    def optimizer_state(self) -> dict[str, Any]:
+        """Both optimisers' state dicts and the generator state (plain tensors)."""
+        return {
+            "macro": self.opt_macro.state_dict(),
+            "rest": self.opt_rest.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """Restore what optimizer_state() saved, so a resumed run continues exactly."""
+        self.opt_macro.load_state_dict(state["macro"])
+        self.opt_rest.load_state_dict(state["rest"])
+        if state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
+
+    # --- one update ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self) -> Rollout:
+        """B episodes of L steps, sampled from the eval-mode policy."""
+        cfg = self.cfg
+        b, steps = cfg.episodes_per_update, cfg.episode_steps
+        pick = torch.randint(0, self.start_rows.numel(), (b,), generator=self.generator)
+        starts = self.start_rows[pick]
+        rows = starts[:, None] + torch.arange(steps)[None, :]  # (B, L)
+        flat = rows.reshape(-1)
+        self.model.eval()
+        macro_emb = self.model.macro(self.macro_x[flat])
+        micro_emb = self.model.micro(self.micro_x[flat])
+        probs = torch.softmax(head_logits_all_positions(self.model, macro_emb, micro_emb), dim=-1)
+        cdf = probs.cumsum(-1).reshape(b, steps, 3, 3)
+        uniforms = torch.rand((b, steps), generator=self.generator)
+
+        self.env.reset(starts)
+        positions = torch.empty((b, steps), dtype=torch.float32)
+        actions = torch.empty((b, steps), dtype=torch.int64)
+        rewards = torch.empty((b, steps), dtype=torch.float64)
+        batch_idx = torch.arange(b)
+        for t in range(steps):
+            pos = self.env.position
+            positions[:, t] = pos
+            cdf_t = cdf[batch_idx, t, (pos + 1).long()]  # (B, 3) for each episode's position state
+            a = (uniforms[:, t, None] >= cdf_t[:, :2]).sum(-1)
+            actions[:, t] = a
+            rewards[:, t] = self.env.step(a)
+        return Rollout(rows, positions, actions, rewards, macro_emb)
+
+    def update(self) -> dict[str, Any]:
+        """One rollout and one policy-gradient step under the rhythm; returns the metrics line."""
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        k = self.rhythm.k
+        learn_macro = is_macro_update(k, cfg.schedule, cfg.macro_every)
+        ro = self.rollout()
+
+        returns = discounted_returns(ro.rewards, cfg.gamma)
+        g_hat = ((returns - returns.mean()) / (returns.std() + 1e-8)).float().reshape(-1)
+
+        self.model.train()
+        flat = ro.rows.reshape(-1)
+        # Dropout masks come from a generator keyed by (seed, k): a resumed run draws the same masks as an
+        # uninterrupted one, and the caller's global RNG is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed * 1_000_003 + k)
+            if learn_macro:
+                macro_emb = self.model.macro(self.macro_x[flat])
+            else:
+                macro_emb = ro.macro_emb  # no autograd through MacroNet on this update
+            micro_emb = self.model.micro(self.micro_x[flat])
+            logits = self.model.head_logits(macro_emb, micro_emb, ro.positions.reshape(-1))
+        log_probs = torch.log_softmax(logits, dim=-1)
+        taken = log_probs.gather(1, ro.actions.reshape(-1, 1)).squeeze(1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
+        loss = -(taken * g_hat).mean() - cfg.entropy_coef * entropy
+
+        self.opt_macro.zero_grad(set_to_none=True)
+        self.opt_rest.zero_grad(set_to_none=True)
+        loss.backward()
+        macro_params = list(self.model.macro.parameters())
+        grad_norm_macro = _grad_norm(macro_params) if learn_macro else 0.0
+        grad_norm_rest = _grad_norm(self.rest_params)
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.rest_params, cfg.grad_clip)
+            if learn_macro:
+                nn.utils.clip_grad_norm_(macro_params, cfg.grad_clip)
+        finite = math.isfinite(float(loss)) and math.isfinite(grad_norm_rest) and math.isfinite(grad_norm_macro)
+        if finite:
+            self.opt_rest.step()
+            self.rhythm.rest_updates += 1
+            if learn_macro:
+                self.opt_macro.step()
+                self.rhythm.macro_updates += 1
+        self.model.eval()
+        self.rhythm.k += 1
+
+        shares = torch.bincount(ro.actions.reshape(-1), minlength=3).double() / ro.actions.numel()
+        episode_log_return = ro.rewards.sum(1)
+        return {
+            "k": k,
+            "parts": ["macro", "micro", "head"] if learn_macro else ["micro", "head"],
+            "applied": finite,
+            "loss": float(loss),
+            "mean_reward": float(ro.rewards.mean()),
+            "mean_episode_log_return": float(episode_log_return.mean()),
+            "entropy": float(entropy),
+            "action_shares": {"hold": float(shares[0]), "buy": float(shares[1]), "sell": float(shares[2])},
+            "grad_norm": {"macro": grad_norm_macro, "rest": grad_norm_rest},
+            "env_steps": int(ro.actions.numel()),
+            "wall_s": time.perf_counter() - t0,
+        }
