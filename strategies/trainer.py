@@ -231,7 +231,7 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.rest_params, cfg.grad_clip)
             if learn_macro:
                 nn.utils.clip_grad_norm_(macro_params, cfg.grad_clip)
-        finite = math.isfinite(float(loss)) and math.isfinite(grad_norm_rest) and math.isfinite(grad_norm_macro)
+        finite = math.isfinite(loss.item()) and math.isfinite(grad_norm_rest) and math.isfinite(grad_norm_macro)
         if finite:
             self.opt_rest.step()
             self.rhythm.rest_updates += 1
@@ -247,10 +247,10 @@ class Trainer:
             "k": k,
             "parts": ["macro", "micro", "head"] if learn_macro else ["micro", "head"],
             "applied": finite,
-            "loss": float(loss),
+            "loss": loss.item(),
             "mean_reward": float(ro.rewards.mean()),
             "mean_episode_log_return": float(episode_log_return.mean()),
-            "entropy": float(entropy),
+            "entropy": entropy.item(),
             "action_shares": {"hold": float(shares[0]), "buy": float(shares[1]), "sell": float(shares[2])},
             "grad_norm": {"macro": grad_norm_macro, "rest": grad_norm_rest},
             "env_steps": int(ro.actions.numel()),

@@ -177,6 +177,8 @@ def test_features_against_definitions(candles_2024: pd.DataFrame, feats: np.ndar
     col = {name: feats[rows, j] for j, name in enumerate(FEATURE_NAMES)}
     close = c["close"].to_numpy()
     np.testing.assert_allclose(col["logret_12"], np.log(close / np.roll(close, 12))[rows], rtol=1e-12)
+    dlr = ta.others.DailyLogReturnIndicator(c["close"]).daily_log_return().to_numpy() / 100
+    assert_near(col["logret_1"], dlr[rows], 1e-9, scale[0])
     # close_z is the Bollinger z-score over 48: ta's %B(48, dev 2) = z / 4 + 1/2. ta's pandas rolling std
     # is off by up to ~1e-7 relative on raw prices (see indicators.rolling_mean_std), hence 1e-6 here
     # and an exact per-window reference below.
@@ -327,3 +329,10 @@ def test_build_observations(feats: np.ndarray, standardizer: Standardizer) -> No
     z = standardizer.transform(feats).astype(np.float32)
     np.testing.assert_array_equal(obs.macro[start:, 40:], z[start:])
     np.testing.assert_array_equal(obs.micro[start:, 40:], z[start:])
+
+
+def test_short_histories_are_all_nan(candles_2024: pd.DataFrame) -> None:
+    """A buffer shorter than the warm-up (even empty) gives NaN rows of the right shape, no error."""
+    for n in (0, 1, 30, WARMUP - 1):
+        f = compute_features(candles_2024.iloc[:n])
+        assert f.shape == (n, 20) and np.isnan(f).all()
