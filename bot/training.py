@@ -101,6 +101,12 @@ def episode_start_rows(obs: Observations, ts_ms: np.ndarray, from_ms: int, to_ms
     return starts[all_valid]
 
 
+def _finite_mean(values: list[float]) -> float | None:
+    """Mean of the finite values, or None (JSON null) when there are none (e.g. Sharpe of a flat policy)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
 def validate(bundle: ModelBundle, candles: pd.DataFrame, obs: Observations, from_ms: int, to_ms: int) -> dict[str, Any]:
     """Greedy and sampled validation backtests; `score` is VALIDATION_SCORE."""
     out: dict[str, Any] = {}
@@ -115,7 +121,7 @@ def validate(bundle: ModelBundle, candles: pd.DataFrame, obs: Observations, from
     out["sampled"] = {
         "seeds": list(VALIDATION_SEEDS),
         "total_return_mean": float(np.mean([m.total_return for m in sampled])),
-        "sharpe_mean": float(np.nanmean([m.sharpe for m in sampled])),
+        "sharpe_mean": _finite_mean([m.sharpe for m in sampled]),
         "n_trades_mean": float(np.mean([m.n_trades for m in sampled])),
         "max_drawdown_mean": float(np.mean([m.max_drawdown for m in sampled])),
     }

@@ -182,9 +182,7 @@ class Ledger:
         side: Side = "buy" if traded > 0 else "sell"
         return self.apply_fill(side, abs(traded), fill_price, fee_quote, target)
 
-    def apply_fill(
-        self, side: Side, qty_base: float, price: float, fee_quote: float, position_after: int
-    ) -> Fill:
+    def apply_fill(self, side: Side, qty_base: float, price: float, fee_quote: float, position_after: int) -> Fill:
         """Book an executed trade (qty positive, fee in quote paid from cash): the one place holdings move.
 
         For a fill computed by `rebalance` the result is bit-identical to rebalance's new cash and qty:

@@ -202,8 +202,7 @@ def validate_candles(df: pd.DataFrame, *, line_offset: int | None = None) -> lis
     bad = np.flatnonzero(raw_ts != np.round(raw_ts))
     if len(bad):
         raise CandleValidationError(
-            "timestamp(s) are not whole milliseconds at "
-            + examples(bad, None, lambda i: repr(float(raw_ts[i])))
+            "timestamp(s) are not whole milliseconds at " + examples(bad, None, lambda i: repr(float(raw_ts[i])))
         )
     # Integer columns are used as they are; whole-number floats (< 2**53 for any real epoch ms) are exact.
     if pd.api.types.is_integer_dtype(df["ts_ms"]):
@@ -227,14 +226,11 @@ def validate_candles(df: pd.DataFrame, *, line_offset: int | None = None) -> lis
         back = np.flatnonzero(steps < 0)
         if len(back):
             i = int(back[0]) + 1
-            raise CandleValidationError(
-                f"rows not sorted by time: {where(i, ts)} comes after {where(i - 1, ts)}"
-            )
+            raise CandleValidationError(f"rows not sorted by time: {where(i, ts)} comes after {where(i - 1, ts)}")
         dup = np.flatnonzero(steps == 0) + 1
         if len(dup):
             raise CandleValidationError(
-                f"{len(dup)} duplicate timestamp(s): "
-                + examples(dup, ts, lambda i: f"same time as {where(i - 1)}")
+                f"{len(dup)} duplicate timestamp(s): " + examples(dup, ts, lambda i: f"same time as {where(i - 1)}")
             )
         median_step = int(np.median(steps))
         if median_step != CANDLE_MS:
@@ -255,9 +251,7 @@ def validate_candles(df: pd.DataFrame, *, line_offset: int | None = None) -> lis
     vol = values["volume"]
     bad = np.flatnonzero(vol < 0)
     if len(bad):
-        raise CandleValidationError(
-            f"{len(bad)} negative volume(s) at " + examples(bad, ts, lambda i: f"{vol[i]:g}")
-        )
+        raise CandleValidationError(f"{len(bad)} negative volume(s) at " + examples(bad, ts, lambda i: f"{vol[i]:g}"))
 
     o, h, low, c = (values[k] for k in PRICE_COLUMNS)
     bad = np.flatnonzero((h < np.maximum(o, c)) | (low > np.minimum(o, c)))

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from strategies.accounting import DEFAULT_COMMISSION, rebalance, target_position, validate_position_mode
+from strategies.accounting import ACTIONS, DEFAULT_COMMISSION, rebalance, target_position, validate_position_mode
 
 
 class EnvState(NamedTuple):
@@ -59,8 +59,7 @@ class VectorTradingEnv:
         self._close = _price_tensor("close_prices", close_prices).to(self._open.device)
         if self._open.shape != self._close.shape:
             raise ValueError(
-                "open_prices and close_prices differ in length: "
-                f"{self._open.shape[0]} vs {self._close.shape[0]}"
+                f"open_prices and close_prices differ in length: {self._open.shape[0]} vs {self._close.shape[0]}"
             )
         if self._open.shape[0] < 2:
             raise ValueError("need at least 2 candles: a decision at one close and its fill at the next open")
@@ -72,6 +71,18 @@ class VectorTradingEnv:
             raise ValueError(f"initial_cash must be positive, got {initial_cash!r}")
         self.commission = float(commission)
         self.slippage_bps = float(slippage_bps)
+        # row (position + 1) * 3 + action -> target_position(action, position); a position the mode cannot
+        # hold (-1 in long_only) maps to itself and is never reached.
+        allowed = (-1, 0, 1) if self.mode == "long_short" else (0, 1)
+        self._target_table = torch.tensor(
+            [
+                float(target_position(a, p, self.mode)) if p in allowed else float(p)
+                for p in (-1, 0, 1)
+                for a in ACTIONS
+            ],
+            dtype=torch.float32,
+            device=self._open.device,
+        )
         self.initial_cash = float(initial_cash)
         self._start: torch.Tensor | None = None
         self._t = 0
@@ -96,9 +107,7 @@ class VectorTradingEnv:
             raise ValueError(f"start_idx must be an integer tensor, got {start.dtype}")
         start = start.to(device=self._open.device, dtype=torch.int64)
         if bool((start < 0).any()) or bool((start > self.n_candles - 2).any()):
-            raise ValueError(
-                f"start_idx must lie in [0, {self.n_candles - 2}] so that at least one step fits the data"
-            )
+            raise ValueError(f"start_idx must lie in [0, {self.n_candles - 2}] so that at least one step fits the data")
         b = start.shape[0]
         f64 = {"dtype": torch.float64, "device": self._open.device}
         self._start = start
@@ -121,16 +130,18 @@ class VectorTradingEnv:
         if actions.shape != start.shape:
             raise ValueError(f"actions must have shape {tuple(start.shape)}, got {tuple(actions.shape)}")
         if actions.dtype.is_floating_point or actions.dtype == torch.bool:
-            raise ValueError(
-                f"actions must be an integer tensor (0 HOLD, 1 BUY, 2 SELL), got {actions.dtype}"
-            )
+            raise ValueError(f"actions must be an integer tensor (0 HOLD, 1 BUY, 2 SELL), got {actions.dtype}")
         if self._steps_left <= 0:
             raise ValueError(
                 f"step {self._t} would fill beyond the last candle ({self.n_candles - 1}); "
                 "check max_steps(start_idx) before choosing the episode length"
             )
+        if int(actions.min()) < 0 or int(actions.max()) > 2:
+            raise ValueError("actions must be 0 HOLD, 1 BUY or 2 SELL")
         nxt = start + self._t + 1
-        target = target_position(actions, self._position, self.mode)
+        # target_position evaluated once per (position, action) pair at construction: one lookup per step
+        # instead of a dozen elementwise ops (this loop is the training rollout's hot path).
+        target = self._target_table[(self._position.long() + 1) * 3 + actions]
         new_cash, new_qty, fee, traded, fill_price = rebalance(
             self._cash, self._qty, target, self._open[nxt], self.commission, self.slippage_bps
         )
@@ -146,9 +157,7 @@ class VectorTradingEnv:
         equity_next = self._cash + self._qty * self._close[nxt]
         if not bool((equity_next > 0).all()):
             bad = torch.nonzero(equity_next <= 0).flatten().tolist()[:5]
-            raise RuntimeError(
-                f"equity fell to <= 0 in episode(s) {bad} at step {self._t}: log reward undefined"
-            )
+            raise RuntimeError(f"equity fell to <= 0 in episode(s) {bad} at step {self._t}: log reward undefined")
         rewards = torch.log(equity_next / self._equity)
         self._equity = equity_next
         self._t += 1

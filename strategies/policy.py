@@ -18,13 +18,48 @@ PART_NAMES = ("macro", "micro", "head")
 POSITION_STATES = (-1.0, 0.0, 1.0)  # the position axis of the all-positions tables is position + 1
 
 
+class _MaskedScale(torch.autograd.Function):
+    """y = x * mask (mask already scaled); the backward multiplies by the same mask."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
+class Dropout(nn.Dropout):
+    """`torch.nn.Dropout` with a mask drawn from 16-bit random integers, about 3x cheaper on the CPU.
+
+    torch's Bernoulli sampler costs ~2 ns per element and dominated the training update. Here each
+    element keeps with probability round((1-p) * 65536) / 65536 (0.80000305 for p = 0.2) and kept values
+    are scaled by the inverse of that probability, so the expectation is preserved exactly. Eval mode is
+    the identity, as for torch's Dropout. Random numbers come from torch's global generator.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Identity in eval mode; x * mask / keep_prob in train mode. Shape unchanged."""
+        if not self.training or self.p == 0.0:
+            return x
+        keep = round((1.0 - self.p) * 65536)
+        # 4 int16 numbers per int64 draw: uniform over [-32768, 32767]
+        bits = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
+        r = bits.view(torch.int16)[: x.numel()].view(x.shape)
+        mask = (r < keep - 32768).to(x.dtype) * (65536.0 / keep)
+        return _MaskedScale.apply(x, mask)
+
+
 class MacroNet(nn.Module):
     """Long-horizon encoder: (batch, 3 * n_features) -> (batch, 128)."""
 
     def __init__(self, n_features: int) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(3 * n_features, 256), nn.ReLU(), nn.Dropout(DROPOUT), nn.Linear(256, MACRO_EMBED), nn.ReLU()
+            nn.Linear(3 * n_features, 256), nn.ReLU(inplace=True), Dropout(DROPOUT), nn.Linear(256, MACRO_EMBED), nn.ReLU(inplace=True)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +73,7 @@ class MicroNet(nn.Module):
     def __init__(self, n_features: int) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(3 * n_features, 64), nn.ReLU(), nn.Dropout(DROPOUT), nn.Linear(64, MICRO_EMBED), nn.ReLU()
+            nn.Linear(3 * n_features, 64), nn.ReLU(inplace=True), Dropout(DROPOUT), nn.Linear(64, MICRO_EMBED), nn.ReLU(inplace=True)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,11 +88,11 @@ class DecisionHead(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(MACRO_EMBED + MICRO_EMBED + 2, 128),
-            nn.ReLU(),
-            nn.Dropout(DROPOUT),
+            nn.ReLU(inplace=True),
+            Dropout(DROPOUT),
             nn.Linear(128, 64),
-            nn.ReLU(),
-            nn.Dropout(DROPOUT),
+            nn.ReLU(inplace=True),
+            Dropout(DROPOUT),
             nn.Linear(64, N_ACTIONS),
         )
 

@@ -23,9 +23,11 @@ import torch
 from torch import nn
 
 from strategies.env import VectorTradingEnv
-from strategies.policy import PolicyNet, head_logits_all_positions
+from strategies.policy import MACRO_EMBED, PolicyNet, head_logits_all_positions
 
 SCHEDULES = ("asymmetric", "symmetric")
+UPDATE_CHUNK_ROWS = 8192  # rows per forward/backward chunk of an update (see Trainer.update)
+ROLLOUT_CHUNK_ROWS = 8192
 
 
 @dataclass
@@ -173,10 +175,15 @@ class Trainer:
         rows = starts[:, None] + torch.arange(steps)[None, :]  # (B, L)
         flat = rows.reshape(-1)
         self.model.eval()
-        macro_emb = self.model.macro(self.macro_x[flat])
-        micro_emb = self.model.micro(self.micro_x[flat])
-        probs = torch.softmax(head_logits_all_positions(self.model, macro_emb, micro_emb), dim=-1)
-        cdf = probs.cumsum(-1).reshape(b, steps, 3, 3)
+        macro_emb = torch.empty((flat.numel(), MACRO_EMBED))
+        cdf = torch.empty((flat.numel(), 3, 3))
+        for lo in range(0, flat.numel(), ROLLOUT_CHUNK_ROWS):
+            chunk = flat[lo : lo + ROLLOUT_CHUNK_ROWS]
+            m = self.model.macro(self.macro_x[chunk])
+            u = self.model.micro(self.micro_x[chunk])
+            macro_emb[lo : lo + chunk.numel()] = m
+            cdf[lo : lo + chunk.numel()] = torch.softmax(head_logits_all_positions(self.model, m, u), -1).cumsum(-1)
+        cdf = cdf.reshape(b, steps, 3, 3)
         uniforms = torch.rand((b, steps), generator=self.generator)
 
         self.env.reset(starts)
@@ -206,24 +213,32 @@ class Trainer:
 
         self.model.train()
         flat = ro.rows.reshape(-1)
+        positions, actions = ro.positions.reshape(-1), ro.actions.reshape(-1)
+        n_rows = flat.numel()
+        self.opt_macro.zero_grad(set_to_none=True)
+        self.opt_rest.zero_grad(set_to_none=True)
+        loss_sum, entropy_sum = 0.0, 0.0
         # Dropout masks come from a generator keyed by (seed, k): a resumed run draws the same masks as an
         # uninterrupted one, and the caller's global RNG is left as it was.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed * 1_000_003 + k)
-            if learn_macro:
-                macro_emb = self.model.macro(self.macro_x[flat])
-            else:
-                macro_emb = ro.macro_emb  # no autograd through MacroNet on this update
-            micro_emb = self.model.micro(self.micro_x[flat])
-            logits = self.model.head_logits(macro_emb, micro_emb, ro.positions.reshape(-1))
-        log_probs = torch.log_softmax(logits, dim=-1)
-        taken = log_probs.gather(1, ro.actions.reshape(-1, 1)).squeeze(1)
-        entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
-        loss = -(taken * g_hat).mean() - cfg.entropy_coef * entropy
-
-        self.opt_macro.zero_grad(set_to_none=True)
-        self.opt_rest.zero_grad(set_to_none=True)
-        loss.backward()
+            # Gradients accumulate over row chunks: the same loss as one batch, but the activations stay in
+            # cache (measured ~1.5x faster than one 37k-row batch on 2 cores) and peak memory stays small.
+            for lo in range(0, n_rows, UPDATE_CHUNK_ROWS):
+                rows = slice(lo, lo + UPDATE_CHUNK_ROWS)
+                if learn_macro:
+                    macro_emb = self.model.macro(self.macro_x[flat[rows]])
+                else:
+                    macro_emb = ro.macro_emb[rows]  # no autograd through MacroNet on this update
+                micro_emb = self.model.micro(self.micro_x[flat[rows]])
+                log_probs = torch.log_softmax(self.model.head_logits(macro_emb, micro_emb, positions[rows]), dim=-1)
+                taken = log_probs.gather(1, actions[rows].unsqueeze(1)).squeeze(1)
+                entropy = -(log_probs.exp() * log_probs).sum()
+                chunk_loss = (-(taken * g_hat[rows]).sum() - cfg.entropy_coef * entropy) / n_rows
+                chunk_loss.backward()
+                loss_sum += chunk_loss.item()
+                entropy_sum += entropy.item()
+        loss_value, entropy_value = loss_sum, entropy_sum / n_rows
         macro_params = list(self.model.macro.parameters())
         grad_norm_macro = _grad_norm(macro_params) if learn_macro else 0.0
         grad_norm_rest = _grad_norm(self.rest_params)
@@ -231,7 +246,7 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.rest_params, cfg.grad_clip)
             if learn_macro:
                 nn.utils.clip_grad_norm_(macro_params, cfg.grad_clip)
-        finite = math.isfinite(loss.item()) and math.isfinite(grad_norm_rest) and math.isfinite(grad_norm_macro)
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm_rest) and math.isfinite(grad_norm_macro)
         if finite:
             self.opt_rest.step()
             self.rhythm.rest_updates += 1
@@ -247,10 +262,10 @@ class Trainer:
             "k": k,
             "parts": ["macro", "micro", "head"] if learn_macro else ["micro", "head"],
             "applied": finite,
-            "loss": loss.item(),
+            "loss": loss_value,
             "mean_reward": float(ro.rewards.mean()),
             "mean_episode_log_return": float(episode_log_return.mean()),
-            "entropy": entropy.item(),
+            "entropy": entropy_value,
             "action_shares": {"hold": float(shares[0]), "buy": float(shares[1]), "sell": float(shares[2])},
             "grad_norm": {"macro": grad_norm_macro, "rest": grad_norm_rest},
             "env_steps": int(ro.actions.numel()),
