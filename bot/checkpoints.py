@@ -7,6 +7,7 @@ and strings. The `ModelBundle` is what the rest of the code passes around.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -69,10 +70,18 @@ def bundle_to_payload(bundle: ModelBundle) -> dict[str, Any]:
         "micro_window": int(bundle.micro_window),
         "position_mode": bundle.position_mode,
         "commission": float(bundle.commission),
-        "rhythm": dict(bundle.rhythm),
-        "train_config": dict(bundle.train_config),
-        "metadata": dict(bundle.metadata),
+        "rhythm": _plain(bundle.rhythm),
+        "train_config": _plain(bundle.train_config),
+        "metadata": _plain(bundle.metadata),
     }
+
+
+def _plain(value: dict[str, Any]) -> dict[str, Any]:
+    """A JSON round trip: only plain dicts, lists, strings and numbers reach the file (weights_only loads).
+
+    str subclasses such as torch.__version__ would otherwise be pickled as their own class.
+    """
+    return json.loads(json.dumps(value, default=str, allow_nan=True))
 
 
 def save_checkpoint(path: str | Path, bundle: ModelBundle) -> Path:

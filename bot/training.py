@@ -247,7 +247,7 @@ def main(args: argparse.Namespace) -> int:
         ],
         "seed": cfg.seed,
         "code_version": _code_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
         "validation_score": VALIDATION_SCORE,
         "episode_starts": int(starts.size),

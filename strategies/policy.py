@@ -59,7 +59,11 @@ class MacroNet(nn.Module):
     def __init__(self, n_features: int) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(3 * n_features, 256), nn.ReLU(inplace=True), Dropout(DROPOUT), nn.Linear(256, MACRO_EMBED), nn.ReLU(inplace=True)
+            nn.Linear(3 * n_features, 256),
+            nn.ReLU(inplace=True),
+            Dropout(DROPOUT),
+            nn.Linear(256, MACRO_EMBED),
+            nn.ReLU(inplace=True),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +77,11 @@ class MicroNet(nn.Module):
     def __init__(self, n_features: int) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(3 * n_features, 64), nn.ReLU(inplace=True), Dropout(DROPOUT), nn.Linear(64, MICRO_EMBED), nn.ReLU(inplace=True)
+            nn.Linear(3 * n_features, 64),
+            nn.ReLU(inplace=True),
+            Dropout(DROPOUT),
+            nn.Linear(64, MICRO_EMBED),
+            nn.ReLU(inplace=True),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
