@@ -93,9 +93,7 @@ def _read_raw(path: Path, kind: str) -> pd.DataFrame:
     except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
         raise CandleFileError(path, f"corrupt or truncated gzip data ({_short(exc)})") from None
     except UnicodeDecodeError:
-        raise CandleFileError(
-            path, "not a text CSV file (undecodable bytes; a compressed file named .csv?)"
-        ) from None
+        raise CandleFileError(path, "not a text CSV file (undecodable bytes; a compressed file named .csv?)") from None
     except pd.errors.ParserError as exc:
         raise CandleFileError(path, f"malformed CSV ({_short(exc)})") from None
     except pa.ArrowException as exc:
@@ -149,9 +147,7 @@ def load_candles_with_gaps(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, 
         problem = exc.problem
         # Column problems are easier to fix when said with the file's own names.
         if "column" in problem:
-            problem = problem.replace(", ".join(COLUMNS), ", ".join(FILE_COLUMNS)).replace(
-                "ts_ms", "timestamp"
-            )
+            problem = problem.replace(", ".join(COLUMNS), ", ".join(FILE_COLUMNS)).replace("ts_ms", "timestamp")
         raise CandleFileError(path, problem) from None
     df = df[list(COLUMNS)].copy()
     df["ts_ms"] = pd.to_numeric(df["ts_ms"]).astype("int64")
@@ -204,9 +200,7 @@ def save_candles(df: pd.DataFrame, path: str | os.PathLike[str]) -> None:
                 frame = _to_file_frame(df, as_text=True)
                 # mtime=0 keeps the .gz bytes a pure function of the candles (reproducible files).
                 sink = (
-                    gzip.GzipFile(
-                        filename="", mode="wb", fileobj=raw_file, compresslevel=_GZIP_LEVEL, mtime=0
-                    )
+                    gzip.GzipFile(filename="", mode="wb", fileobj=raw_file, compresslevel=_GZIP_LEVEL, mtime=0)
                     if kind == "csv.gz"
                     else contextlib.nullcontext(raw_file)
                 )

@@ -15,6 +15,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("bot.training", "train a policy offline with REINFORCE and the 1:10 rhythm"),
     "backtest": ("bot.backtesting", "backtest a policy over a period, beside buy-and-hold and flat"),
     "info": ("bot.info", "parameter counts per part, features, checkpoint metadata"),
+    "run": ("bot.runner", "run the daemon: paper trading, --once, or --replay FILE"),
+    "status": ("bot.status", "what the daemon's state says: position, equity, episode, rhythm, halt"),
+    "resume": ("bot.status", "clear a drawdown halt so trading resumes at the next candle"),
 }
 
 

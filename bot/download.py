@@ -207,8 +207,15 @@ def download_candles(
     try:
         if expected > 0:
             pages = iter_closed_candle_pages(
-                exchange, symbol, start_ms, now_ms, until_ms=until_ms, timeframe=timeframe,
-                limit=MAX_OHLCV_LIMIT, sleep=sleep, rng=rng,
+                exchange,
+                symbol,
+                start_ms,
+                now_ms,
+                until_ms=until_ms,
+                timeframe=timeframe,
+                limit=MAX_OHLCV_LIMIT,
+                sleep=sleep,
+                rng=rng,
             )
             for page in pages:
                 api_calls += 1
@@ -227,9 +234,7 @@ def download_candles(
             flush()
         except Exception as flush_exc:
             log.error("download_save_failed", path=str(out_path), error=str(flush_exc))
-        log.warning(
-            "download_interrupted", path=str(out_path), rows=len(base), error_class=type(exc).__name__
-        )
+        log.warning("download_interrupted", path=str(out_path), rows=len(base), error_class=type(exc).__name__)
         raise
     finally:
         bar.close()
@@ -279,21 +284,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exchange", default="binance", help="ccxt exchange id (default: binance)")
     p.add_argument("--symbol", default="BTC/USDT", help="unified market symbol (default: BTC/USDT)")
     p.add_argument(
-        "--timeframe", default=SUPPORTED_TIMEFRAME, choices=[SUPPORTED_TIMEFRAME],
+        "--timeframe",
+        default=SUPPORTED_TIMEFRAME,
+        choices=[SUPPORTED_TIMEFRAME],
         help="candle interval; only 5m is supported",
     )
     p.add_argument(
-        "--since", type=_utc_date_arg, default=None,
+        "--since",
+        type=_utc_date_arg,
+        default=None,
         help="first candle open time, YYYY-MM-DD or ISO datetime, UTC; needed unless --out exists "
         "(then the download resumes after the file's last candle)",
     )
     p.add_argument(
-        "--until", type=_utc_date_arg, default=None,
+        "--until",
+        type=_utc_date_arg,
+        default=None,
         help="stop before this open time (exclusive), UTC; default: up to the last closed candle",
     )
     p.add_argument("--out", required=True, metavar="FILE", help="output file: .csv, .csv.gz or .parquet")
     p.add_argument(
-        "--exchange-config", default=None, metavar="JSON",
+        "--exchange-config",
+        default=None,
+        metavar="JSON",
         help="JSON object merged into the ccxt constructor arguments (URLs, proxies, options)",
     )
 

@@ -97,9 +97,7 @@ def make_exchange(exchange_id: str, config: dict[str, Any] | None = None) -> Any
     options = dict(config.pop("options", {}))
     # maxRetriesOnFailure > 0 would make ccxt re-send requests itself, orders included: never allowed.
     if options.get("maxRetriesOnFailure", 0) != 0:
-        raise ConfigError(
-            "exchange config: options.maxRetriesOnFailure must be 0 (ccxt would re-send orders)"
-        )
+        raise ConfigError("exchange config: options.maxRetriesOnFailure must be 0 (ccxt would re-send orders)")
     if config.get("enableRateLimit", True) is not True:
         raise ConfigError("exchange config: enableRateLimit must stay true (the exchange bans abusers)")
     options["maxRetriesOnFailure"] = 0
@@ -221,9 +219,7 @@ def exchange_now_ms(
     if not (getattr(exchange, "has", {}) or {}).get("fetchTime"):
         log.warning("exchange_time_unavailable", exchange=exchange.id, fallback="local_clock")
         return int(exchange.milliseconds())
-    now_ms = retry_read(
-        exchange.fetch_time, sleep=sleep, rng=rng, secrets=secrets_of(exchange), op="fetch_time"
-    )
+    now_ms = retry_read(exchange.fetch_time, sleep=sleep, rng=rng, secrets=secrets_of(exchange), op="fetch_time")
     if not isinstance(now_ms, int | float) or now_ms <= 0:
         raise OperationalExchangeError(f"{exchange.id} returned a nonsense server time: {now_ms!r}")
     return int(now_ms)
@@ -250,9 +246,7 @@ def fetch_ohlcv_page(
         op="fetch_ohlcv",
     )
     if not isinstance(rows, list):
-        raise OperationalExchangeError(
-            f"{exchange.id} fetch_ohlcv returned {type(rows).__name__}, not a list"
-        )
+        raise OperationalExchangeError(f"{exchange.id} fetch_ohlcv returned {type(rows).__name__}, not a list")
     return rows
 
 

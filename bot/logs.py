@@ -82,10 +82,7 @@ class Redactor:
 
     def event_dict(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
         """structlog processor: redact every field except the record plumbing and exc_info tuples."""
-        return {
-            k: (v if k.startswith("_") or k == "exc_info" else self.value(v, k))
-            for k, v in event_dict.items()
-        }
+        return {k: (v if k.startswith("_") or k == "exc_info" else self.value(v, k)) for k, v in event_dict.items()}
 
     def rendered(self, logger: WrappedLogger, method_name: str, line: Any) -> Any:
         """structlog processor placed after the renderer: redact the final line."""

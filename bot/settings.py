@@ -344,8 +344,7 @@ def _parse_exchange_config(name: str, raw: str) -> Mapping[str, Any]:
         ) from None
     if not isinstance(value, dict):
         raise ConfigError(
-            f'{name} is invalid: expected a JSON object such as {{"timeout": 30000}}, '
-            f"got a JSON {type(value).__name__}"
+            f'{name} is invalid: expected a JSON object such as {{"timeout": 30000}}, got a JSON {type(value).__name__}'
         )
     return MappingProxyType(value)
 
@@ -474,9 +473,7 @@ def _check_unknown_keys(keys: set[str]) -> None:
         key = unknown[0]
         hint = difflib.get_close_matches(key, KNOWN_KEYS, n=1)
         suggestion = f"did you mean {hint[0]}? " if hint else ""
-        raise ConfigError(
-            f"{key} is not a known setting: {suggestion}(the settings are listed in .env.example)"
-        )
+        raise ConfigError(f"{key} is not a known setting: {suggestion}(the settings are listed in .env.example)")
 
 
 def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | None = ".env") -> Settings:

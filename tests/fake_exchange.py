@@ -61,7 +61,11 @@ class FakeExchange:
         self.id = exchange_id
         self.apiKey = ""
         self.secret = ""
-        self.has: dict[str, bool] = {"fetchOHLCV": True, "fetchTime": True}
+        self.has: dict[str, bool] = {"fetchOHLCV": True, "fetchTime": True, "fetchTicker": True}
+        # ccxt.TICK_SIZE: market precisions are step sizes (1e-05), as ccxt reports Binance's.
+        self.precisionMode = 4
+        # fetch_ticker's `last`; None = the close of the newest candle visible at the fake's clock.
+        self.ticker_last: float | None = None
         self.timeframes: dict[str, str] = {
             tf: tf for tf in ("1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "1d", "1w")
         }
@@ -181,6 +185,20 @@ class FakeExchange:
         if rows and rows[-1][0] + CANDLE_MS > self.now_ms:
             rows[-1] = self._forming(rows[-1])
         return rows
+
+    def fetch_ticker(self, symbol: str, params: dict | None = None) -> dict[str, Any]:
+        """A ticker like ccxt's: `last` is ticker_last if set, else the newest visible candle's (partial) close."""
+        self._enter("fetch_ticker", symbol=symbol)
+        self.market(symbol)
+        last = self.ticker_last
+        df = self._candles.get(symbol)
+        if last is None and df is not None:
+            visible = df[df["ts_ms"].to_numpy() <= self.now_ms]
+            if len(visible):
+                t, o, h, lo, c, v = visible[["ts_ms", "open", "high", "low", "close", "volume"]].iloc[-1].tolist()
+                row = [int(t), o, h, lo, c, v]
+                last = self._forming(row)[4] if row[0] + CANDLE_MS > self.now_ms else c
+        return {"symbol": symbol, "timestamp": self.now_ms, "last": last, "close": last}
 
     def _forming(self, row: list[float]) -> list[float]:
         """The candle as it looks part-way through: close drifts from open, volume so far (always differs)."""

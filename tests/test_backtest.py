@@ -77,12 +77,24 @@ def _pipeline(candles: pd.DataFrame, from_ms: int, seed: int = SEED) -> tuple[Mo
 
 
 def _corrupt_from(candles: pd.DataFrame, t_ms: int) -> pd.DataFrame:
-    """A copy whose candles opened at or after `t_ms` have prices x3 and volume x0.1 (a different future)."""
+    """A copy whose candles opened at or after `t_ms` are replaced by another future.
+
+    Opens and closes get independent random factors in [0.7, 1.3] (highs and lows widened to stay
+    consistent), volumes a factor in [0.05, 2]. A uniform factor (e.g. prices x3) would not do: the features
+    are scale-free and buy-and-hold's curve is scale-invariant, so most of the change would be invisible;
+    and x3 wipes out a 1x short, which the ledger then refuses to trade.
+    """
     out = candles.copy()
     later = out["ts_ms"].to_numpy() >= t_ms
-    for col in ("open", "high", "low", "close"):
-        out.loc[later, col] = out.loc[later, col] * 3.0
-    out.loc[later, "volume"] = out.loc[later, "volume"] * 0.1
+    n = int(later.sum())
+    rng = np.random.default_rng(2024)
+    f_open, f_close = rng.uniform(0.7, 1.3, n), rng.uniform(0.7, 1.3, n)
+    o = out.loc[later, "open"].to_numpy() * f_open
+    c = out.loc[later, "close"].to_numpy() * f_close
+    h = np.maximum(out.loc[later, "high"].to_numpy() * np.maximum(f_open, f_close), np.maximum(o, c))
+    lo = np.minimum(out.loc[later, "low"].to_numpy() * np.minimum(f_open, f_close), np.minimum(o, c))
+    out.loc[later, ["open", "high", "low", "close"]] = np.column_stack([o, h, lo, c])
+    out.loc[later, "volume"] = out.loc[later, "volume"].to_numpy() * rng.uniform(0.05, 2.0, n)
     return out
 
 
@@ -123,7 +135,9 @@ def test_always_buy_is_buy_and_hold_exactly(candles_2024: pd.DataFrame, mode: st
 
 
 @pytest.mark.parametrize(
-    ("mode", "action"), [("long_short", HOLD), ("long_only", HOLD), ("long_only", SELL)], ids=["hold", "hold-lo", "sell-lo"]
+    ("mode", "action"),
+    [("long_short", HOLD), ("long_only", HOLD), ("long_only", SELL)],
+    ids=["hold", "hold-lo", "sell-lo"],
 )
 def test_never_in_the_market_is_flat(candles_2024: pd.DataFrame, mode: str, action: int) -> None:
     ts, opens, closes = _real_period(candles_2024, "2024-11-01", "2024-12-01")
@@ -296,8 +310,8 @@ def test_no_look_ahead(window: pd.DataFrame, greedy: bool, t_offset: int) -> Non
     # equity point m is the mark at the close of candle i0-1+m: candles before T for m <= k_t
     for name in ("policy_equity", "hold_equity", "flat_equity"):
         assert np.array_equal(getattr(good, name)[: k_t + 1], getattr(bad, name)[: k_t + 1]), name
-    assert good.policy_equity[k_t + 1] != bad.policy_equity[k_t + 1], "the first mark after T uses a changed close"
-    assert good.hold_equity[k_t + 1] != bad.hold_equity[k_t + 1]
+    assert good.hold_equity[k_t + 1] != bad.hold_equity[k_t + 1], "the first mark after T uses a changed close"
+    assert not np.array_equal(good.policy_equity, bad.policy_equity)
     assert np.array_equal(good.equity_ts_ms, bad.equity_ts_ms)
 
 

@@ -1,0 +1,698 @@
+"""The daemon's work: `Daemon.tick(now_ms)`, the same function under the scheduler, `--once` and replay.
+
+One tick acts on t = the newest candle closed at now_ms (exchange time):
+  1. feed      fetch newly closed candles into the bounded buffer; backfill holes; if candle t is still
+               missing after retries the tick is `skipped` (stale_data): nothing is traded, ever, for t.
+  -- one SQLite transaction from here (BEGIN IMMEDIATE; `ritmo resume` serialises with it) --
+  2. settle    the previous step's reward ln(E_{t'+1} / E_{t'}), now that candle t'+1 has closed.
+  3. episodes  a full episode (L settled steps) closes `pending` (its update runs after the commit); a break
+               in the chain of consecutive decisions (downtime, a skipped tick) truncates the open episode:
+               pending if it has >= MIN_EPISODE_STEPS settled steps, else discarded.
+  4. mark      equity at t's close, peak equity, drawdown guard (a latched halt flattens and stops trading
+               and learning until `ritmo resume`).
+  5. decide    observation = pure function of the last `first_valid_row + 1` candles ending at t; eval-mode
+               probabilities (the backtest's `probs_for_all_positions`); action sampled with the uniform
+               keyed by (seed, t) or greedy; target position; MAX_POSITION_QUOTE caps the notional.
+  6. execute   the broker records the order intent, fills it (paper) and books it in the ledger.
+  7. record    decision, order status, fill, episode step, ledger, peak, halt, last candle -> COMMIT.
+  -- after the commit --
+  8. learn     a pending episode becomes one REINFORCE update; the new checkpoint is saved, then recorded
+               (second transaction) and acts from the next tick.
+  9. log       one canonical `tick` line.
+
+Crash safety: the in-memory state is a cache of the database: it is (re)loaded by `start()` and after any
+failed tick, so a restart continues exactly where the last committed tick left off. A tick whose candle
+already has a decision row is a no-op (the decisions primary key forbids acting twice on one candle).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import structlog
+import torch
+
+from bot.brokers import Broker, Decision, ExecutionResult
+from bot.checkpoints import ModelBundle
+from bot.feed import Candle, CandleFeed, FeedUpdate, last_closed_open_ms
+from bot.learner import LoadedModel, OnlineLearner, UpdateOutcome
+from bot.state import KEEP_EPISODE_BLOBS, StateStore
+from strategies.accounting import ACTION_NAMES, HOLD, Ledger, target_position
+from strategies.candles import CANDLE_MS, iso_utc
+from strategies.features import compute_features, first_valid_row
+from strategies.policy import decision_uniforms, greedy_action, probs_for_all_positions, sample_action
+
+log = structlog.get_logger(__name__)
+
+
+def history_needed(bundle: ModelBundle) -> int:
+    """Candles needed for one observation: first_valid_row(spec, macro window) + 1 (1265 by default)."""
+    return first_valid_row(bundle.spec, bundle.macro_window) + 1
+
+
+def observe(candles: pd.DataFrame, bundle: ModelBundle) -> tuple[np.ndarray, np.ndarray] | None:
+    """The observation (macro, micro), float32 (3N,) each, of the last candle of `candles`; None if not valid.
+
+    Features are computed on exactly these candles, standardised with the checkpoint's statistics, and only
+    the last row is aggregated ([mean, std ddof 0, last] over the last W and w rows), so the result is a pure
+    function of the window: equal to `build_observations` on the whole history up to ~1e-6 (EWM seeds).
+    """
+    z = bundle.standardizer.transform(compute_features(candles, bundle.spec))
+    out = []
+    for window in (bundle.macro_window, bundle.micro_window):
+        if z.shape[0] < window:
+            return None
+        zw = z[-window:]
+        if not np.isfinite(zw).all():
+            return None
+        out.append(np.concatenate([zw.mean(axis=0), zw.std(axis=0), zw[-1]]).astype(np.float32))
+    return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """What the daemon needs from the settings (and the replay command line)."""
+
+    symbol: str
+    mode: str
+    position_mode: str
+    seed: int = 0
+    greedy: bool = False
+    episode_steps: int = 288
+    min_episode_steps: int = 48
+    macro_every: int = 11
+    online_learning: bool = True
+    max_drawdown: float = 0.5
+    max_position_quote: float | None = None
+    commission: float = 0.001
+    slippage_bps: float = 0.0
+    initial_cash: float = 10_000.0
+    keep_checkpoints: int = 5
+
+    @classmethod
+    def from_settings(cls, settings: Any, position_mode: str, **overrides: Any) -> DaemonConfig:
+        """Build from `bot.settings.Settings` (+ command-line overrides)."""
+        values = {
+            "symbol": settings.symbol,
+            "mode": settings.mode,
+            "position_mode": position_mode,
+            "seed": settings.seed,
+            "episode_steps": settings.episode_steps,
+            "min_episode_steps": settings.min_episode_steps,
+            "macro_every": settings.macro_every,
+            "online_learning": settings.online_learning,
+            "max_drawdown": settings.max_drawdown,
+            "max_position_quote": settings.max_position_quote,
+            "commission": settings.commission,
+            "slippage_bps": settings.slippage_bps,
+            "initial_cash": settings.paper_balance,
+            "keep_checkpoints": settings.keep_checkpoints,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TickOutcome:
+    """What one tick did (also the fields of the canonical `tick` log line)."""
+
+    ts_ms: int
+    status: str  # acted | rejected | halted | skipped
+    action: int | None
+    probs: tuple[float, float, float] | None
+    position_before: int
+    position_after: int
+    equity: float | None
+    fee_quote: float
+    model_version: str
+    episode_id: int | None
+    episode_step: int | None
+    k: int
+    latency_ms: float
+    """Candles in -> decision recorded and committed (no network)."""
+    feed_ms: float
+    update: UpdateOutcome | None = None
+    reason: str | None = None
+
+
+@dataclass
+class _Episode:
+    id: int
+    steps: int
+    settled: int
+    last_ts_ms: int | None
+
+
+@dataclass
+class _Unsettled:
+    episode_id: int
+    step: int
+    ts_ms: int
+    equity_before: float
+
+
+@dataclass
+class _Memory:
+    """The cache of the database the tick works with."""
+
+    ledger: Ledger
+    last_decision_ts_ms: int | None
+    episode: _Episode | None
+    unsettled: _Unsettled | None
+    k: int
+    macro_updates: int
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+class Daemon:
+    """Ticks a policy over closed candles with a broker, a state store and an online learner."""
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        store: StateStore,
+        feed: CandleFeed,
+        broker: Broker,
+        learner: OnlineLearner,
+        loaded: LoadedModel,
+        *,
+        perf_counter: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.feed = feed
+        self.broker = broker
+        self.learner = learner
+        self.loaded = loaded
+        self._perf = perf_counter
+        self.history = history_needed(learner.bundle)
+        self.mem: _Memory | None = None
+
+    @property
+    def bundle(self) -> ModelBundle:
+        """The acting model bundle."""
+        return self.learner.bundle
+
+    # --- start ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Initialise or load the state, reconcile orders left by a crash, run updates a crash left pending."""
+        cfg, store = self.config, self.store
+        meta = store.all_meta()
+        with store.transaction():
+            if "ledger" not in meta:
+                rhythm = self.bundle.rhythm
+                store.set_meta_many(
+                    {
+                        "ledger": Ledger(cash_quote=float(cfg.initial_cash)).to_dict(),
+                        "initial_cash": float(cfg.initial_cash),
+                        "peak_equity": float(cfg.initial_cash),
+                        "halt": {"halted": False},
+                        "rhythm": {"k": int(rhythm.get("k", 0)), "macro_updates": int(rhythm.get("macro_updates", 0))},
+                        "position_mode": cfg.position_mode,
+                        "seed": cfg.seed,
+                        "episode_steps": cfg.episode_steps,
+                    }
+                )
+                store.add_event("state_created", {"initial_cash": cfg.initial_cash, "position_mode": cfg.position_mode})
+            else:
+                self._check_compatible(meta)
+            store.set_meta(
+                "model",
+                {
+                    "version": self.loaded.version,
+                    "checkpoint_path": str(self.loaded.path),
+                    "source": self.loaded.source,
+                },
+            )
+            store.add_event(
+                "start",
+                {"model_version": self.loaded.version, "checkpoint": str(self.loaded.path), "mode": cfg.mode},
+            )
+            pending = store.pending_orders()
+            if pending:
+                ledger = Ledger.from_dict(store.get_meta("ledger"))
+                self.broker.reconcile(store, pending, ledger)
+                store.set_meta("ledger", ledger.to_dict())
+        self._restore()
+        self._learn_pending()
+
+    def _check_compatible(self, meta: dict[str, Any]) -> None:
+        cfg, store = self.config, self.store
+        if meta.get("position_mode") != cfg.position_mode:
+            from bot.errors import ConfigError
+
+            raise ConfigError(
+                f"the state {store.path} was traded in {meta.get('position_mode')} mode but the model is "
+                f"{cfg.position_mode}: use a matching checkpoint or another RITMO_STATE_DIR"
+            )
+        if meta.get("seed") != cfg.seed:
+            log.warning("seed_changed", old=meta.get("seed"), new=cfg.seed)
+            store.add_event("seed_changed", {"old": meta.get("seed"), "new": cfg.seed})
+            store.set_meta("seed", cfg.seed)
+        if meta.get("episode_steps") != cfg.episode_steps:
+            log.warning("episode_steps_changed", old=meta.get("episode_steps"), new=cfg.episode_steps)
+            store.set_meta("episode_steps", cfg.episode_steps)
+
+    def _restore(self) -> None:
+        """(Re)load the in-memory cache from the database."""
+        store = self.store
+        meta = store.all_meta()
+        last = store.last_decision()
+        ep = store.open_episode()
+        episode = None
+        if ep is not None:
+            row = store.conn.execute(
+                "SELECT MAX(ts_ms) FROM episode_steps WHERE episode_id = ?", (ep["id"],)
+            ).fetchone()
+            episode = _Episode(int(ep["id"]), int(ep["steps"]), int(ep["settled"]), row[0])
+        un = store.unsettled_step()
+        unsettled = (
+            _Unsettled(int(un["episode_id"]), int(un["step"]), int(un["ts_ms"]), float(un["equity_before"]))
+            if un
+            else None
+        )
+        rhythm = meta.get("rhythm", {})
+        self.mem = _Memory(
+            ledger=Ledger.from_dict(meta["ledger"]),
+            last_decision_ts_ms=None if last is None else int(last["ts_ms"]),
+            episode=episode,
+            unsettled=unsettled,
+            k=int(rhythm.get("k", 0)),
+            macro_updates=int(rhythm.get("macro_updates", 0)),
+            model=dict(meta.get("model", {})),
+        )
+
+    # --- tick -----------------------------------------------------------------------------------
+
+    def tick(self, now_ms: int) -> TickOutcome | None:
+        """Act on the newest candle closed at now_ms (exchange time); None if it was decided on already."""
+        assert self.mem is not None, "start() first"
+        t = last_closed_open_ms(now_ms)
+        if self.mem.last_decision_ts_ms is not None and t <= self.mem.last_decision_ts_ms:
+            log.info("tick_duplicate", ts=iso_utc(t), last=iso_utc(self.mem.last_decision_ts_ms))
+            return None
+        with structlog.contextvars.bound_contextvars(candle=iso_utc(t)):
+            t0 = self._perf()
+            upd = self.feed.update(now_ms)
+            t_in = self._perf()
+            try:
+                with self.store.transaction():
+                    outcome, _ = self._tick_in_tx(t, upd, t_in)
+            except BaseException:
+                # The transaction rolled back: the cache may be ahead of the database, so reload it.
+                self._restore()
+                raise
+            latency_ms = (self._perf() - t_in) * 1e3
+            outcome = _replace(outcome, latency_ms=latency_ms, feed_ms=(t_in - t0) * 1e3)
+            # Every tick looks for pending episodes (one indexed query): also those a halt or a crash left.
+            update = self._learn_pending()
+            if update is not None:
+                outcome = _replace(outcome, update=update)
+            self._log_tick(outcome)
+            return outcome
+
+    def _tick_in_tx(self, t: int, upd: FeedUpdate, t_in: float) -> tuple[TickOutcome, bool]:
+        cfg, store, mem = self.config, self.store, self.mem
+        assert mem is not None
+        buffer = self.feed.buffer
+        halt = store.get_meta("halt") or {"halted": False}
+        peak = store.get_meta("peak_equity")
+        ledger = mem.ledger
+        position_before = ledger.position
+
+        # --- settle the previous step's reward --------------------------------------------------
+        un = mem.unsettled
+        if un is not None:
+            nxt = self._settling_candle(un.ts_ms)
+            if nxt is not None:
+                reward = math.log(ledger.equity(nxt.close) / un.equity_before)
+                store.settle_step(un.episode_id, un.step, reward)
+                if mem.episode is not None and mem.episode.id == un.episode_id:
+                    mem.episode.settled += 1
+                mem.unsettled = None
+
+        # --- episode bookkeeping ----------------------------------------------------------------
+        closed_pending = False
+        ep = mem.episode
+        if ep is not None:
+            if ep.steps >= cfg.episode_steps and ep.settled >= ep.steps:
+                closed_pending = self._close_episode(ep, truncated=False, reason=None)
+            elif ep.last_ts_ms is not None and ep.last_ts_ms != t - CANDLE_MS:
+                why = "stale_data" if upd.is_stale else "gap"
+                closed_pending = self._close_episode(ep, truncated=True, reason=why)
+
+        # --- a stale feed: record the skip, act on nothing --------------------------------------
+        if upd.is_stale:
+            log.warning(
+                "stale_data",
+                expected=iso_utc(upd.expected_ts_ms),
+                latest=iso_utc(upd.latest_ts_ms) if upd.latest_ts_ms is not None else None,
+                attempts=upd.attempts,
+                error=upd.error,
+            )
+            return self._record_skip(t, "stale_data", position_before, t_in), closed_pending
+
+        candle = buffer.last()
+        equity_before = ledger.equity(candle.close)
+        peak = equity_before if peak is None else max(float(peak), equity_before)
+        halted = bool(halt.get("halted"))
+        if not halted and equity_before < peak * (1.0 - cfg.max_drawdown):
+            halted = True
+            halt = {
+                "halted": True,
+                "reason": (
+                    f"drawdown {1 - equity_before / peak:.2%} from peak {peak:.2f} exceeds {cfg.max_drawdown:.2%}"
+                ),
+                "since_ts_ms": t,
+                "equity": equity_before,
+                "peak_equity": peak,
+            }
+            log.error("halt", reason=halt["reason"], equity=equity_before, peak_equity=peak)
+            store.add_event("halt", halt, candle_ts_ms=t)
+        if halted and mem.episode is not None:
+            closed_pending = self._close_episode(mem.episode, truncated=True, reason="halted", force_discard=True) or (
+                closed_pending
+            )
+
+        # --- decide ---------------------------------------------------------------------------
+        obs = observe(buffer.window(self.history), self.bundle)
+        if obs is None:
+            log.warning("observation_unavailable", candles=len(buffer), needed=self.history)
+            return self._record_skip(t, "warmup", position_before, t_in, candle.close), closed_pending
+        macro, micro = obs
+        table = probs_for_all_positions(
+            self.learner.model, torch.from_numpy(macro[None]), torch.from_numpy(micro[None])
+        )
+        probs_row = table[0, ledger.position + 1].double().numpy()
+        probs = (float(probs_row[0]), float(probs_row[1]), float(probs_row[2]))
+        if cfg.greedy:
+            action = greedy_action(probs_row)
+        else:
+            action = sample_action(probs_row, float(decision_uniforms(cfg.seed, t)))
+        if halted:
+            target, reason = 0, "halt"
+        else:
+            target, reason = int(target_position(action, ledger.position, cfg.position_mode)), "policy"
+        decision = Decision(cfg.symbol, t, probs, action, position_before, self.learner.version, reason)
+
+        # --- execute --------------------------------------------------------------------------
+        result = ExecutionResult("none")
+        if target != ledger.position:
+            ref_price, ref_source = self.feed.market.fill_reference(candle)
+            result = self.broker.execute(decision, target, ledger, ref_price, store, ref_source=ref_source)
+            if result.intent is not None:
+                store.set_order_status(
+                    result.intent.client_order_id,
+                    "filled" if result.status == "filled" else result.status,
+                    result.reject_reason,
+                )
+                for fill in result.fills:
+                    store.insert_fill(result.intent.client_order_id, t, fill)
+        equity_after = ledger.equity(candle.close)
+        status = "halted" if halted else ("rejected" if result.status == "rejected" else "acted")
+
+        # --- episode step ---------------------------------------------------------------------
+        episode_id = episode_step = None
+        if not halted:
+            if mem.episode is None:
+                mem.episode = _Episode(store.create_episode(t), 0, 0, None)
+            ep = mem.episode
+            episode_id, episode_step = ep.id, ep.steps
+            store.add_step(ep.id, ep.steps, t, macro, micro, position_before, action, equity_before)
+            mem.unsettled = _Unsettled(ep.id, ep.steps, t, equity_before)
+            ep.steps += 1
+            ep.last_ts_ms = t
+
+        # --- record ---------------------------------------------------------------------------
+        store.insert_decision(
+            {
+                "ts_ms": t,
+                "status": status,
+                "action": action,
+                "p_hold": probs[0],
+                "p_buy": probs[1],
+                "p_sell": probs[2],
+                "model_version": self.learner.version,
+                "position_before": position_before,
+                "target_position": target,
+                "position_after": ledger.position,
+                "close": candle.close,
+                "fill_price": result.fill_price,
+                "qty_base": sum(f.qty_base for f in result.fills),
+                "fee_quote": result.fee_quote,
+                "equity_before": equity_before,
+                "equity_after": equity_after,
+                "episode_id": episode_id,
+                "episode_step": episode_step,
+                "reason": result.reject_reason if result.status == "rejected" else (reason if halted else None),
+                "latency_ms": (self._perf() - t_in) * 1e3,
+            }
+        )
+        store.set_meta_many(
+            {
+                "ledger": ledger.to_dict(),
+                "peak_equity": peak,
+                "halt": halt,
+                "last_candle": {"ts_ms": t, "close": candle.close},
+            }
+        )
+        mem.last_decision_ts_ms = t
+        outcome = TickOutcome(
+            ts_ms=t,
+            status=status,
+            action=action,
+            probs=probs,
+            position_before=position_before,
+            position_after=ledger.position,
+            equity=equity_after,
+            fee_quote=result.fee_quote,
+            model_version=self.learner.version,
+            episode_id=episode_id,
+            episode_step=episode_step,
+            k=mem.k,
+            latency_ms=0.0,
+            feed_ms=0.0,
+            reason=result.reject_reason,
+        )
+        return outcome, closed_pending
+
+    def _settling_candle(self, step_ts_ms: int) -> Candle | None:
+        """The candle whose close settles the step decided on step_ts_ms: normally the next one.
+
+        If the exchange never produced the next candle (an outage hole inside the buffer), the first candle
+        after the step. If the buffer no longer reaches back to the step (a downtime longer than the window,
+        after which it was refilled), None: the step cannot be settled and is left out of learning.
+        """
+        buffer = self.feed.buffer
+        row = buffer.index_of(step_ts_ms + CANDLE_MS)
+        if row is not None:
+            return buffer.candle(row)
+        if len(buffer) and int(buffer.ts_ms[0]) <= step_ts_ms:
+            return buffer.first_after(step_ts_ms)
+        return None
+
+    def _record_skip(self, t: int, reason: str, position: int, t_in: float, close: float | None = None) -> TickOutcome:
+        mem = self.mem
+        assert mem is not None
+        last = self.feed.buffer.last_ts_ms
+        equity = None
+        if last is not None:
+            last_close = self.feed.buffer.last().close
+            equity = mem.ledger.equity(last_close)
+            self.store.set_meta("last_candle", {"ts_ms": last, "close": last_close})
+        self.store.insert_decision(
+            {
+                "ts_ms": t,
+                "status": "skipped",
+                "model_version": self.learner.version,
+                "position_before": position,
+                "position_after": position,
+                "close": close,
+                "equity_before": equity,
+                "equity_after": equity,
+                "reason": reason,
+                "latency_ms": (self._perf() - t_in) * 1e3,
+            }
+        )
+        mem.last_decision_ts_ms = t
+        return TickOutcome(
+            t,
+            "skipped",
+            None,
+            None,
+            position,
+            position,
+            equity,
+            0.0,
+            self.learner.version,
+            None,
+            None,
+            mem.k,
+            0.0,
+            0.0,
+            reason=reason,
+        )
+
+    def _close_episode(self, ep: _Episode, *, truncated: bool, reason: str | None, force_discard: bool = False) -> bool:
+        """Close the open episode; True when it awaits an update (status pending)."""
+        cfg, mem = self.config, self.mem
+        assert mem is not None
+        min_steps = max(cfg.min_episode_steps, 2)  # returns are normalised over the steps: one is not enough
+        if force_discard or (truncated and ep.settled < min_steps) or ep.settled < 2:
+            status = "discarded"
+            log.warning(
+                "episode_discarded", episode_id=ep.id, settled_steps=ep.settled, min_steps=min_steps, reason=reason
+            )
+        elif not cfg.online_learning:
+            status = "frozen"
+        else:
+            status = "pending"
+        self.store.close_episode(ep.id, status, truncated=truncated, reason=reason)
+        log.info(
+            "episode_closed", episode_id=ep.id, status=status, steps=ep.steps, settled=ep.settled, truncated=truncated
+        )
+        mem.episode = None
+        # A step still unsettled when its episode closes (a truncation) is left out of the update for good.
+        if mem.unsettled is not None and mem.unsettled.episode_id == ep.id:
+            mem.unsettled = None
+        return status == "pending"
+
+    # --- learning -------------------------------------------------------------------------------
+
+    def _learn_pending(self) -> UpdateOutcome | None:
+        """Run the update of every pending episode (normally one); record each after its checkpoint is saved."""
+        store, mem = self.store, self.mem
+        assert mem is not None
+        halt = store.get_meta("halt") or {}
+        if halt.get("halted"):
+            return None
+        last: UpdateOutcome | None = None
+        for ep in store.pending_episodes():
+            if not self.config.online_learning:
+                with store.transaction():
+                    store.finish_episode(int(ep["id"]), "frozen", None, "online learning off")
+                continue
+            batch = store.episode_batch(int(ep["id"]))
+            outcome = self.learner.learn(batch, mem.k, mem.macro_updates)
+            learned = outcome.status == "learned"
+            status = ("truncated_learned" if ep["truncated"] else "learned") if learned else "rejected"
+            k_next = mem.k + 1
+            macro_next = mem.macro_updates + int(learned and outcome.learn_macro)
+            with store.transaction():
+                store.record_update(
+                    {
+                        "k": outcome.k,
+                        "episode_id": outcome.episode_id,
+                        "status": outcome.status,
+                        "parts": ",".join(outcome.parts),
+                        "steps": outcome.steps,
+                        "loss": outcome.loss if math.isfinite(outcome.loss) else None,
+                        "applied": int(outcome.applied),
+                        "checkpoint_path": outcome.checkpoint_path,
+                        "model_version": outcome.model_version,
+                        "wall_ms": outcome.wall_ms,
+                    }
+                )
+                store.finish_episode(outcome.episode_id, status, outcome.k, outcome.reason)
+                store.set_meta("rhythm", {"k": k_next, "macro_updates": macro_next})
+                if learned:
+                    model = {
+                        "version": outcome.model_version,
+                        "checkpoint_path": outcome.checkpoint_path,
+                        "source": "online",
+                    }
+                    store.set_meta("model", model)
+                    mem.model = model
+                store.prune_episode_blobs(outcome.episode_id - KEEP_EPISODE_BLOBS)
+            mem.k, mem.macro_updates = k_next, macro_next
+            if learned:
+                self.learner.prune(store.checkpoint_refs())
+            log.info(
+                "online_update",
+                k=outcome.k,
+                episode_id=outcome.episode_id,
+                status=status,
+                parts=outcome.parts,
+                steps=outcome.steps,
+                loss=outcome.loss,
+                wall_ms=round(outcome.wall_ms, 1),
+                model_version=outcome.model_version,
+                checkpoint=outcome.checkpoint_path,
+            )
+            last = outcome
+        return last
+
+    # --- end of a replay ------------------------------------------------------------------------
+
+    def mark_end(self, end_ms: int) -> dict[str, Any]:
+        """Mark the ledger at the close of the last candle before end_ms (a replay's end; nothing is traded)."""
+        mem = self.mem
+        assert mem is not None
+        self.feed.update(end_ms)
+        candle = self.feed.buffer.last()
+        equity = mem.ledger.equity(candle.close)
+        summary = {
+            "ts_ms": candle.ts_ms,
+            "close": candle.close,
+            "equity": equity,
+            "position": mem.ledger.position,
+            "fees_quote": mem.ledger.fees_quote,
+            "n_trades": mem.ledger.n_trades,
+            "k": mem.k,
+            "macro_updates": mem.macro_updates,
+        }
+        with self.store.transaction():
+            self.store.set_meta("last_candle", {"ts_ms": candle.ts_ms, "close": candle.close})
+            self.store.add_event("mark", summary, candle_ts_ms=candle.ts_ms)
+        return summary
+
+    # --- logging --------------------------------------------------------------------------------
+
+    def _log_tick(self, o: TickOutcome) -> None:
+        L = self.config.episode_steps
+        log.info(
+            "tick",
+            ts=iso_utc(o.ts_ms),
+            status=o.status,
+            action=ACTION_NAMES[o.action] if o.action is not None else None,
+            probs=[round(p, 6) for p in o.probs] if o.probs else None,
+            position_before=o.position_before,
+            position_after=o.position_after,
+            equity=round(o.equity, 6) if o.equity is not None else None,
+            fee_quote=round(o.fee_quote, 8),
+            model_version=o.model_version,
+            episode_id=o.episode_id,
+            episode_step=None if o.episode_step is None else f"{o.episode_step + 1}/{L}",
+            k=self.mem.k if self.mem else o.k,
+            latency_ms=round(o.latency_ms, 3),
+            feed_ms=round(o.feed_ms, 3),
+            reason=o.reason,
+        )
+
+    def status_line(self, o: TickOutcome) -> str:
+        """One line for systemd's STATUS=."""
+        act = ACTION_NAMES[o.action] if o.action is not None else "-"
+        eq = f"{o.equity:.2f}" if o.equity is not None else "?"
+        return f"{iso_utc(o.ts_ms)} {o.status} {act} position={o.position_after} equity={eq} k={o.k}"
+
+
+def _replace(o: TickOutcome, **changes: Any) -> TickOutcome:
+    from dataclasses import replace
+
+    return replace(o, **changes)
+
+
+def checkpoint_dir_for(state_db: Path) -> Path:
+    """Online checkpoints of one state database: STATE_DIR/checkpoints/<db name without suffix>/."""
+    return state_db.parent / "checkpoints" / state_db.stem
+
+
+__all__ = ["HOLD", "Daemon", "DaemonConfig", "TickOutcome", "checkpoint_dir_for", "history_needed", "observe"]

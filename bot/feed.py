@@ -1,0 +1,483 @@
+"""Market data for the daemon: a bounded candle buffer, the `MarketData` seam (exchange or replay file) and
+the feed that keeps the buffer current at every tick (drop the forming candle, backfill holes, detect staleness).
+
+Time (DESIGN §2): a candle's `ts_ms` is its OPEN time; it is closed when `ts_ms + 5 min <= exchange now`.
+`tick(now_ms)` acts on `last_closed_open_ms(now_ms)`, the newest candle closed at `now_ms`.
+
+The buffer is a fixed-capacity window of the newest closed candles (numpy columns, oldest dropped first), so
+memory stays flat over months. The observation of a candle is a pure function of the `first_valid_row + 1`
+candles (rows) ending at it, which the buffer always holds after warm-up.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import structlog
+
+from bot.errors import ExchangeError, TemporaryExchangeError
+from strategies.candles import CANDLE_MS, iso_utc
+
+log = structlog.get_logger(__name__)
+
+COLUMNS = ("open", "high", "low", "close", "volume")
+
+
+def last_closed_open_ms(now_ms: int) -> int:
+    """Open time of the newest candle that is closed at `now_ms` (its close `ts_ms + 5 min <= now_ms`)."""
+    return (int(now_ms) // CANDLE_MS) * CANDLE_MS - CANDLE_MS
+
+
+@dataclass(frozen=True, slots=True)
+class Candle:
+    """One closed 5-minute candle; ts_ms is the open time (UTC ms)."""
+
+    ts_ms: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+
+
+@dataclass(frozen=True)
+class CandleBatch:
+    """Closed candles as parallel arrays, oldest first (what a MarketData returns)."""
+
+    ts_ms: np.ndarray  # int64
+    values: np.ndarray  # (n, 5) float64: open, high, low, close, volume
+
+    def __len__(self) -> int:
+        return int(self.ts_ms.shape[0])
+
+    @classmethod
+    def empty(cls) -> CandleBatch:
+        """No candles."""
+        return cls(np.empty(0, dtype=np.int64), np.empty((0, 5), dtype=np.float64))
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame) -> CandleBatch:
+        """From a canonical candle frame (ts_ms + OHLCV columns)."""
+        return cls(
+            np.ascontiguousarray(df["ts_ms"].to_numpy(dtype=np.int64)),
+            np.ascontiguousarray(df[list(COLUMNS)].to_numpy(dtype=np.float64)),
+        )
+
+
+class CandleBuffer:
+    """The newest `capacity` closed candles, oldest first; appending beyond capacity drops the oldest.
+
+    Backed by arrays of twice the capacity: appends write at the end and, when the end is reached, the
+    newest `capacity` rows are moved to the front once (amortised O(1) per candle, no allocation).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 2:
+            raise ValueError("capacity must be >= 2")
+        self.capacity = int(capacity)
+        self._ts = np.zeros(2 * self.capacity, dtype=np.int64)
+        self._values = np.zeros((2 * self.capacity, 5), dtype=np.float64)
+        self._lo = 0
+        self._hi = 0
+
+    def __len__(self) -> int:
+        return self._hi - self._lo
+
+    @property
+    def ts_ms(self) -> np.ndarray:
+        """Open times (a read-only view)."""
+        view = self._ts[self._lo : self._hi]
+        view.flags.writeable = False
+        return view
+
+    @property
+    def last_ts_ms(self) -> int | None:
+        """Open time of the newest candle, or None when empty."""
+        return int(self._ts[self._hi - 1]) if len(self) else None
+
+    def clear(self) -> None:
+        """Forget every candle."""
+        self._lo = self._hi = 0
+
+    def truncate_from(self, ts_ms: int) -> None:
+        """Drop the candles with open time >= ts_ms (used to refetch from a hole)."""
+        cut = int(np.searchsorted(self._ts[self._lo : self._hi], int(ts_ms), side="left"))
+        self._hi = self._lo + cut
+
+    def extend(self, batch: CandleBatch) -> int:
+        """Append the candles newer than the newest one held; returns how many were added."""
+        ts = batch.ts_ms
+        if len(ts) == 0:
+            return 0
+        last = self.last_ts_ms
+        if last is not None:
+            keep = ts > last
+            if not keep.all():
+                ts, values = ts[keep], batch.values[keep]
+            else:
+                values = batch.values
+        else:
+            values = batch.values
+        n = len(ts)
+        if n == 0:
+            return 0
+        if n >= self.capacity:
+            ts, values = ts[-self.capacity :], values[-self.capacity :]
+            self._lo, self._hi = 0, 0
+            n = self.capacity
+        if self._hi + n > 2 * self.capacity:
+            keep_n = min(len(self), self.capacity - n)
+            start = self._hi - keep_n
+            self._ts[:keep_n] = self._ts[start : self._hi]
+            self._values[:keep_n] = self._values[start : self._hi]
+            self._lo, self._hi = 0, keep_n
+        self._ts[self._hi : self._hi + n] = ts
+        self._values[self._hi : self._hi + n] = values
+        self._hi += n
+        if len(self) > self.capacity:
+            self._lo = self._hi - self.capacity
+        return n
+
+    def index_of(self, ts_ms: int) -> int | None:
+        """Row of the candle opened at ts_ms (0 = oldest held), or None if not held."""
+        ts = self._ts[self._lo : self._hi]
+        i = int(np.searchsorted(ts, int(ts_ms)))
+        return i if i < len(ts) and int(ts[i]) == int(ts_ms) else None
+
+    def first_after(self, ts_ms: int) -> Candle | None:
+        """The oldest candle opened after ts_ms, or None."""
+        ts = self._ts[self._lo : self._hi]
+        i = int(np.searchsorted(ts, int(ts_ms), side="right"))
+        return self.candle(i) if i < len(ts) else None
+
+    def candle(self, row: int) -> Candle:
+        """The candle at a row (negative rows count from the newest)."""
+        n = len(self)
+        if not -n <= row < n:
+            raise IndexError(row)
+        i = self._lo + (row % n)
+        o, h, lo, c, v = (float(x) for x in self._values[i])
+        return Candle(int(self._ts[i]), o, h, lo, c, v)
+
+    def last(self) -> Candle:
+        """The newest candle (IndexError when empty)."""
+        return self.candle(-1)
+
+    def window(self, n: int) -> pd.DataFrame:
+        """The newest n candles as a DataFrame (ts_ms + OHLCV), for the feature code."""
+        lo = max(self._lo, self._hi - int(n))
+        values = self._values[lo : self._hi]
+        frame = {"ts_ms": self._ts[lo : self._hi]}
+        frame.update({c: values[:, j] for j, c in enumerate(COLUMNS)})
+        return pd.DataFrame(frame, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# MarketData: where candles and fill reference prices come from.
+# ---------------------------------------------------------------------------------------------------
+
+
+class MarketData(Protocol):
+    """The daemon's view of a market: closed candles, and a reference price for a fill after a decision."""
+
+    symbol: str
+
+    def closed_candles(self, since_ms: int, now_ms: int) -> CandleBatch:
+        """Closed candles with open time >= since_ms at exchange time now_ms, oldest first (may have holes)."""
+        ...
+
+    def fill_reference(self, decision: Candle) -> tuple[float, str]:
+        """The price a market order placed right after deciding on `decision` would fill at, and its source."""
+        ...
+
+
+class Clock(Protocol):
+    """Exchange time and sleeping, injected so tests and replays run at machine speed."""
+
+    def now_ms(self) -> int:
+        """Exchange time, epoch ms."""
+        ...
+
+    def sleep(self, seconds: float) -> None:
+        """Wait (a simulated clock just advances)."""
+        ...
+
+
+class SimClock:
+    """A simulated clock for replays and tests: `sleep` advances it instantly."""
+
+    def __init__(self, now_ms: int) -> None:
+        self._now_ms = int(now_ms)
+
+    def now_ms(self) -> int:
+        """The simulated time."""
+        return self._now_ms
+
+    def set(self, now_ms: int) -> None:
+        """Jump to a time."""
+        self._now_ms = int(now_ms)
+
+    def sleep(self, seconds: float) -> None:
+        """Advance the simulated time by `seconds`."""
+        self._now_ms += round(seconds * 1000)
+
+
+class ExchangeClock:
+    """The local clock corrected by the exchange's (`fetch_time`), refreshed every `refresh_s` seconds."""
+
+    def __init__(
+        self,
+        exchange: Any,
+        *,
+        refresh_s: float = 3600.0,
+        local_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._exchange = exchange
+        self._refresh_ms = int(refresh_s * 1000)
+        self._local_ms = local_ms
+        self._sleep = sleep
+        self.offset_ms = 0
+        self._synced_at_ms: int | None = None
+
+    def sync(self) -> int:
+        """Measure the offset exchange - local (half the round trip attributed to each leg)."""
+        from bot.exchange import exchange_now_ms
+
+        before = self._local_ms()
+        server = exchange_now_ms(self._exchange, sleep=self._sleep)
+        after = self._local_ms()
+        self.offset_ms = int(server - (before + after) // 2)
+        self._synced_at_ms = after
+        log.info("clock_synced", offset_ms=self.offset_ms, round_trip_ms=after - before)
+        return self.offset_ms
+
+    def now_ms(self) -> int:
+        """Exchange time: local clock + the last measured offset (re-measured when due)."""
+        local = self._local_ms()
+        if self._synced_at_ms is None or local - self._synced_at_ms >= self._refresh_ms:
+            try:
+                self.sync()
+            except ExchangeError as exc:
+                # Keep the previous offset: a missed sync costs a few ms of accuracy, not the tick.
+                log.warning("clock_sync_failed", error=str(exc))
+                self._synced_at_ms = local
+            local = self._local_ms()
+        return local + self.offset_ms
+
+    def sleep(self, seconds: float) -> None:
+        """Real sleep."""
+        self._sleep(seconds)
+
+
+class ExchangeMarketData:
+    """Closed candles and ticker prices from a ccxt exchange (through bot.exchange, the only ccxt importer)."""
+
+    def __init__(
+        self,
+        exchange: Any,
+        symbol: str,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.exchange = exchange
+        self.symbol = symbol
+        self._sleep = sleep
+        self._rng = rng
+
+    def closed_candles(self, since_ms: int, now_ms: int) -> CandleBatch:
+        """Paged fetch_ohlcv (retried), forming candle dropped by exchange time."""
+        from bot.exchange import fetch_closed_candles
+
+        df = fetch_closed_candles(self.exchange, self.symbol, since_ms, now_ms, sleep=self._sleep, rng=self._rng)
+        return CandleBatch.from_frame(df)
+
+    def fill_reference(self, decision: Candle) -> tuple[float, str]:
+        """The ticker's last trade price fetched now; the decision candle's close if that fails."""
+        from bot.exchange import retry_read, secrets_of
+
+        try:
+            ticker = retry_read(
+                lambda: self.exchange.fetch_ticker(self.symbol),
+                attempts=2,
+                base_delay_s=0.5,
+                sleep=self._sleep,
+                rng=self._rng,
+                secrets=secrets_of(self.exchange),
+                op="fetch_ticker",
+            )
+            last = float((ticker or {}).get("last") or 0.0)
+            if last > 0 and np.isfinite(last):
+                return last, "ticker"
+            log.warning("ticker_unusable", last=(ticker or {}).get("last"))
+        except ExchangeError as exc:
+            log.warning("ticker_failed", error=str(exc))
+        return decision.close, "close"
+
+    def market(self) -> dict[str, Any]:
+        """The ccxt market description of the symbol (markets must be loaded)."""
+        return self.exchange.market(self.symbol)
+
+
+class ReplayMarketData:
+    """Candles from a data file served as the exchange would serve them at a simulated time.
+
+    The fill reference is the NEXT candle's open (the first trade after the decision), exactly as the
+    backtest fills; if the file has no next candle, the decision candle's close.
+    """
+
+    def __init__(self, candles: pd.DataFrame, symbol: str = "BTC/USDT") -> None:
+        self.symbol = symbol
+        batch = CandleBatch.from_frame(candles)
+        self._ts = batch.ts_ms
+        self._values = batch.values
+
+    @property
+    def first_ts_ms(self) -> int:
+        """Open time of the first candle of the file."""
+        return int(self._ts[0])
+
+    @property
+    def last_ts_ms(self) -> int:
+        """Open time of the last candle of the file."""
+        return int(self._ts[-1])
+
+    def rows_before(self, ts_ms: int) -> int:
+        """How many candles of the file open before ts_ms."""
+        return int(np.searchsorted(self._ts, int(ts_ms), side="left"))
+
+    def closed_candles(self, since_ms: int, now_ms: int) -> CandleBatch:
+        """The file's candles with since_ms <= ts_ms and ts_ms + 5 min <= now_ms."""
+        lo = int(np.searchsorted(self._ts, int(since_ms), side="left"))
+        hi = int(np.searchsorted(self._ts, int(now_ms) - CANDLE_MS, side="right"))
+        if hi <= lo:
+            return CandleBatch.empty()
+        return CandleBatch(self._ts[lo:hi], self._values[lo:hi])
+
+    def fill_reference(self, decision: Candle) -> tuple[float, str]:
+        """The open of the candle after the decision candle (next-open fill), else its close."""
+        nxt = decision.ts_ms + CANDLE_MS
+        i = int(np.searchsorted(self._ts, nxt))
+        if i < len(self._ts) and int(self._ts[i]) == nxt:
+            return float(self._values[i, 0]), "next_open"
+        return decision.close, "close"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The feed: keeps the buffer current at each tick.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeedUpdate:
+    """What one feed update found."""
+
+    expected_ts_ms: int
+    """Open time of the candle the tick should act on (the newest closed at now)."""
+    latest_ts_ms: int | None
+    """Open time of the newest candle held after the update."""
+    added: int
+    attempts: int
+    holes: tuple[int, ...] = field(default_factory=tuple)
+    """Open times of missing candles that stayed missing after every retry (an exchange outage)."""
+    error: str | None = None
+
+    @property
+    def is_stale(self) -> bool:
+        """The expected candle is still missing: the tick must not act."""
+        return self.latest_ts_ms is None or self.latest_ts_ms < self.expected_ts_ms
+
+
+class CandleFeed:
+    """Fetches newly closed candles into a CandleBuffer; backfills holes and retries a missing latest candle."""
+
+    def __init__(
+        self,
+        market: MarketData,
+        *,
+        history: int,
+        capacity: int | None = None,
+        retries: int = 3,
+        retry_delay_s: float = 2.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.market = market
+        self.history = int(history)
+        self.buffer = CandleBuffer(capacity or self.history + 135)
+        if self.buffer.capacity < self.history:
+            raise ValueError("buffer capacity is below the history the features need")
+        self.retries = int(retries)
+        self.retry_delay_s = float(retry_delay_s)
+        self._sleep = sleep
+
+    def update(self, now_ms: int) -> FeedUpdate:
+        """Bring the buffer up to the newest candle closed at now_ms (exchange time)."""
+        expected = last_closed_open_ms(now_ms)
+        start = expected - (self.history - 1) * CANDLE_MS
+        last = self.buffer.last_ts_ms
+        if last is None or last < start - CANDLE_MS:
+            # Empty, or a downtime longer than the window: keeping the old rows would put a time gap
+            # inside the feature window, so start over with a fresh window.
+            if last is not None:
+                log.info("buffer_reset", last=iso_utc(last), expected=iso_utc(expected))
+            self.buffer.clear()
+            since = start
+        else:
+            since = last + CANDLE_MS
+        added, attempt, holes, error = 0, 0, (), None
+        for attempt in range(1, self.retries + 2):
+            if since > expected:
+                break
+            before = self.buffer.last_ts_ms
+            try:
+                batch = self.market.closed_candles(since, now_ms)
+            except TemporaryExchangeError as exc:
+                error = str(exc)
+                log.warning("candles_fetch_failed", attempt=attempt, error=error)
+                batch = CandleBatch.empty()
+            added += self.buffer.extend(batch)
+            holes = _holes(self.buffer, before, since)
+            complete = not holes and (self.buffer.last_ts_ms or 0) >= expected
+            if complete or attempt > self.retries:
+                break
+            if holes:
+                # Refetch from the first hole: the rows after it are dropped and come back with it.
+                since = holes[0]
+                self.buffer.truncate_from(since)
+                log.info("candle_backfill", first_missing=iso_utc(since), missing=len(holes), attempt=attempt)
+            else:
+                since = (self.buffer.last_ts_ms or since - CANDLE_MS) + CANDLE_MS
+            self._sleep(self.retry_delay_s)
+        if holes:
+            log.warning("candle_gap", missing=len(holes), first_missing=iso_utc(holes[0]))
+        return FeedUpdate(expected, self.buffer.last_ts_ms, added, attempt, tuple(holes), error)
+
+
+def _holes(buffer: CandleBuffer, before_last: int | None, since_ms: int) -> list[int]:
+    """Open times missing between the first requested candle and the newest held."""
+    last = buffer.last_ts_ms
+    if last is None:
+        return []
+    first = since_ms if before_last is None or since_ms > before_last else before_last + CANDLE_MS
+    if before_last is None:
+        # A fresh window: only holes inside what was received count (the start is where the data starts).
+        ts = buffer.ts_ms
+        if len(ts) == 0:
+            return []
+        first = int(ts[0])
+    ts = buffer.ts_ms
+    lo = int(np.searchsorted(ts, first, side="left"))
+    have = ts[lo:]
+    if len(have) == 0:
+        return []
+    want = np.arange(first, last + CANDLE_MS, CANDLE_MS, dtype=np.int64)
+    if len(want) == len(have):
+        return []
+    return [int(x) for x in np.setdiff1d(want, have, assume_unique=True)]

@@ -1,0 +1,633 @@
+"""The daemon's state: one SQLite database per mode and symbol (`settings.state_db_path`), WAL mode.
+
+Tables (schema version in `PRAGMA user_version`; a database newer than this code is refused):
+  meta           key -> JSON value: ledger, peak equity, halt, rhythm (k, macro updates), model (version,
+                 checkpoint path), last candle seen (ts, close), seed, mode/symbol/position mode, settings
+                 that must not change under a running state (episode steps), replay parameters.
+  decisions      one row per candle decided on (ts_ms PK: a replayed tick cannot act twice): status
+                 acted|rejected|halted|skipped, probabilities, action, model version, position and equity
+                 before/after, close, fill price, fee, episode step, latency.
+  orders         client_order_id PK, status intent|sent|filled|rejected|unknown (live reconciles on start).
+  fills          one row per fill: price, qty, fee (quote), side, position after.
+  episodes       id, status open|pending|learned|truncated_learned|discarded|rejected|frozen, steps, k.
+  episode_steps  (episode_id, step): observation blobs (float32 macro + micro), position, action, equity
+                 before the step's fill, reward (NULL until candle t+1 closes).
+  updates        k PK: one row per online update (parts, loss, applied, checkpoint path, model version).
+  events         start, stop, halt, resume, gaps, checkpoint fallbacks: what an operator wants to read back.
+
+Durability: every write of a tick happens inside one `BEGIN IMMEDIATE ... COMMIT`. In WAL mode a
+committed transaction is in the WAL file before COMMIT returns, so `kill -9` at any instant leaves either
+the whole tick or none of it. `synchronous=FULL` (paper, live) also fsyncs the WAL on every commit, so a
+power cut loses nothing committed either; replays use NORMAL (durable against a process kill, which is what
+the crash test exercises; a power cut could lose the last ticks of a replay, which can simply be re-run).
+
+Threads: APScheduler runs the tick in a worker thread. The connection is opened with
+check_same_thread=False and used by one thread at a time (the daemon's tick lock serialises start-up,
+ticks and shutdown); Python's sqlite3 module is built threadsafe (serialized) anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bot.brokers import OrderIntent
+from bot.errors import RitmoError
+from strategies.accounting import Fill
+
+SCHEMA_VERSION = 1
+
+_SCHEMA_V1 = """
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE decisions (
+    ts_ms INTEGER PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('acted', 'rejected', 'halted', 'skipped')),
+    action INTEGER CHECK (action IN (0, 1, 2)),
+    p_hold REAL, p_buy REAL, p_sell REAL,
+    model_version TEXT,
+    position_before INTEGER NOT NULL,
+    target_position INTEGER,
+    position_after INTEGER NOT NULL,
+    close REAL,
+    fill_price REAL,
+    qty_base REAL NOT NULL DEFAULT 0,
+    fee_quote REAL NOT NULL DEFAULT 0,
+    equity_before REAL,
+    equity_after REAL,
+    episode_id INTEGER,
+    episode_step INTEGER,
+    reason TEXT,
+    latency_ms REAL,
+    created_at_ms INTEGER NOT NULL
+);
+
+CREATE TABLE orders (
+    client_order_id TEXT PRIMARY KEY,
+    decision_ts_ms INTEGER NOT NULL,
+    symbol TEXT NOT NULL,
+    side TEXT NOT NULL CHECK (side IN ('buy', 'sell')),
+    qty_base REAL NOT NULL,
+    ref_price REAL NOT NULL,
+    target_position INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL CHECK (status IN ('intent', 'sent', 'filled', 'rejected', 'unknown')),
+    detail TEXT,
+    exchange_order_id TEXT,
+    created_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+);
+CREATE INDEX orders_status ON orders (status) WHERE status IN ('intent', 'sent', 'unknown');
+
+CREATE TABLE fills (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    client_order_id TEXT NOT NULL REFERENCES orders (client_order_id),
+    decision_ts_ms INTEGER NOT NULL,
+    side TEXT NOT NULL CHECK (side IN ('buy', 'sell')),
+    qty_base REAL NOT NULL,
+    price REAL NOT NULL,
+    fee_quote REAL NOT NULL,
+    notional_quote REAL NOT NULL,
+    position_before INTEGER NOT NULL,
+    position_after INTEGER NOT NULL,
+    trade_id TEXT,
+    created_at_ms INTEGER NOT NULL
+);
+
+CREATE TABLE episodes (
+    id INTEGER PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN
+        ('open', 'pending', 'learned', 'truncated_learned', 'discarded', 'rejected', 'frozen')),
+    start_ts_ms INTEGER NOT NULL,
+    end_ts_ms INTEGER,
+    steps INTEGER NOT NULL DEFAULT 0,
+    settled INTEGER NOT NULL DEFAULT 0,
+    truncated INTEGER NOT NULL DEFAULT 0,
+    k INTEGER,
+    reason TEXT,
+    closed_at_ms INTEGER
+);
+CREATE INDEX episodes_status ON episodes (status) WHERE status IN ('open', 'pending');
+
+CREATE TABLE episode_steps (
+    episode_id INTEGER NOT NULL REFERENCES episodes (id),
+    step INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL UNIQUE,
+    macro BLOB,
+    micro BLOB,
+    position INTEGER NOT NULL,
+    action INTEGER NOT NULL,
+    equity_before REAL NOT NULL,
+    reward REAL,
+    PRIMARY KEY (episode_id, step)
+) WITHOUT ROWID;
+
+CREATE TABLE updates (
+    k INTEGER PRIMARY KEY,
+    episode_id INTEGER NOT NULL REFERENCES episodes (id),
+    status TEXT NOT NULL CHECK (status IN ('learned', 'rejected')),
+    parts TEXT NOT NULL,
+    steps INTEGER NOT NULL,
+    loss REAL,
+    applied INTEGER NOT NULL,
+    checkpoint_path TEXT,
+    model_version TEXT,
+    wall_ms REAL,
+    created_at_ms INTEGER NOT NULL
+);
+
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    candle_ts_ms INTEGER,
+    kind TEXT NOT NULL,
+    detail TEXT
+);
+"""
+
+# version reached -> SQL that upgrades from the previous version (none yet; v1 is the first).
+MIGRATIONS: dict[int, str] = {}
+
+# Blobs of episodes older than this many episodes are dropped once learned: they are only needed for
+# the update, and a year of 5-minute steps would otherwise be ~50 MB of observations.
+KEEP_EPISODE_BLOBS = 10
+
+
+class StateError(RitmoError):
+    """The state database cannot be used (newer schema, other mode/symbol, locked by another daemon)."""
+
+
+def wall_ms() -> int:
+    """Local wall-clock time in epoch ms (for created_at columns only, never for trading time)."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class EpisodeBatch:
+    """The settled steps of one episode, ready for a REINFORCE update."""
+
+    episode_id: int
+    ts_ms: np.ndarray  # (L,) int64
+    macro: np.ndarray  # (L, 3N) float32
+    micro: np.ndarray  # (L, 3N) float32
+    positions: np.ndarray  # (L,) float32
+    actions: np.ndarray  # (L,) int64
+    rewards: np.ndarray  # (L,) float64
+
+
+class StateStore:
+    """Typed access to the state database; every daemon write goes through `transaction()`."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, lock_fd: int | None = None) -> None:
+        self.conn = conn
+        self.path = path
+        self._lock_fd = lock_fd
+        self._in_tx = False
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the database file (best effort) and close; release the daemon lock."""
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[StateStore]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any exception): the unit of crash safety."""
+        if self._in_tx:
+            raise RuntimeError("nested state transaction")
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._in_tx = True
+        try:
+            yield self
+        except BaseException:
+            self._in_tx = False
+            self.conn.execute("ROLLBACK")
+            raise
+        self._in_tx = False
+        self.conn.execute("COMMIT")
+
+    def commit(self) -> None:
+        """Commit what the open transaction holds and continue in a new one (live: intent before send)."""
+        if not self._in_tx:
+            return
+        self.conn.execute("COMMIT")
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    # --- meta -----------------------------------------------------------------------------------
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        """A JSON value of the meta table."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def all_meta(self) -> dict[str, Any]:
+        """Every meta value."""
+        return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Set a JSON value (exact float round trip: json uses repr)."""
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, json.dumps(value, allow_nan=False)),
+        )
+
+    def set_meta_many(self, values: dict[str, Any]) -> None:
+        """Set several meta values."""
+        self.conn.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [(k, json.dumps(v, allow_nan=False)) for k, v in values.items()],
+        )
+
+    # --- decisions ------------------------------------------------------------------------------
+
+    def insert_decision(self, row: dict[str, Any]) -> None:
+        """Insert one decision (IntegrityError if this candle was already decided on)."""
+        row = {**row, "created_at_ms": row.get("created_at_ms") or wall_ms()}
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        self.conn.execute(f"INSERT INTO decisions ({cols}) VALUES ({marks})", tuple(row.values()))
+
+    def last_decision(self) -> dict[str, Any] | None:
+        """The newest decision row, as a dict."""
+        cur = self.conn.execute("SELECT * FROM decisions ORDER BY ts_ms DESC LIMIT 1")
+        row = cur.fetchone()
+        return None if row is None else dict(zip([d[0] for d in cur.description], row, strict=True))
+
+    def decision_count(self, status: str | None = None) -> int:
+        """Number of decisions (of one status)."""
+        if status is None:
+            return int(self.conn.execute("SELECT COUNT(*) FROM decisions").fetchone()[0])
+        return int(self.conn.execute("SELECT COUNT(*) FROM decisions WHERE status = ?", (status,)).fetchone()[0])
+
+    # --- orders and fills (the OrderJournal of the brokers) -------------------------------------
+
+    def record_intent(self, intent: OrderIntent) -> None:
+        """Insert an order intent with status `intent`."""
+        now = wall_ms()
+        self.conn.execute(
+            "INSERT INTO orders (client_order_id, decision_ts_ms, symbol, side, qty_base, ref_price,"
+            " target_position, reason, attempt, status, created_at_ms, updated_at_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'intent', ?, ?)",
+            (
+                intent.client_order_id,
+                intent.decision_ts_ms,
+                intent.symbol,
+                intent.side,
+                intent.qty_base,
+                intent.ref_price,
+                intent.target_position,
+                intent.reason,
+                intent.attempt,
+                now,
+                now,
+            ),
+        )
+
+    def set_order_status(self, client_order_id: str, status: str, detail: str | None = None) -> None:
+        """Move an order to a new status."""
+        cur = self.conn.execute(
+            "UPDATE orders SET status = ?, detail = COALESCE(?, detail), updated_at_ms = ? WHERE client_order_id = ?",
+            (status, detail, wall_ms(), client_order_id),
+        )
+        if cur.rowcount != 1:
+            raise StateError(f"order {client_order_id} is not in the state database")
+
+    def pending_orders(self) -> list[dict[str, Any]]:
+        """Orders left in intent/sent/unknown (a crash between intent and result; live reconciles them)."""
+        cur = self.conn.execute(
+            "SELECT * FROM orders WHERE status IN ('intent', 'sent', 'unknown') ORDER BY created_at_ms"
+        )
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+    def insert_fill(self, client_order_id: str, decision_ts_ms: int, fill: Fill, trade_id: str | None = None) -> None:
+        """Record one fill of an order."""
+        self.conn.execute(
+            "INSERT INTO fills (client_order_id, decision_ts_ms, side, qty_base, price, fee_quote, notional_quote,"
+            " position_before, position_after, trade_id, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                client_order_id,
+                decision_ts_ms,
+                fill.side,
+                fill.qty_base,
+                fill.price,
+                fill.fee_quote,
+                fill.notional_quote,
+                fill.position_before,
+                fill.position_after,
+                trade_id,
+                wall_ms(),
+            ),
+        )
+
+    def fills(self) -> list[dict[str, Any]]:
+        """Every fill, oldest first."""
+        cur = self.conn.execute("SELECT * FROM fills ORDER BY id")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+    # --- episodes -------------------------------------------------------------------------------
+
+    def open_episode(self) -> dict[str, Any] | None:
+        """The open episode, if any."""
+        return self._one("SELECT * FROM episodes WHERE status = 'open' ORDER BY id DESC LIMIT 1")
+
+    def episode(self, episode_id: int) -> dict[str, Any] | None:
+        """One episode row."""
+        return self._one("SELECT * FROM episodes WHERE id = ?", (episode_id,))
+
+    def pending_episodes(self) -> list[dict[str, Any]]:
+        """Closed episodes waiting for their update (a crash between the tick and the update)."""
+        cur = self.conn.execute("SELECT * FROM episodes WHERE status = 'pending' ORDER BY id")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+    def create_episode(self, start_ts_ms: int) -> int:
+        """A new open episode; returns its id."""
+        cur = self.conn.execute("INSERT INTO episodes (status, start_ts_ms) VALUES ('open', ?)", (start_ts_ms,))
+        return int(cur.lastrowid or 0)
+
+    def add_step(
+        self,
+        episode_id: int,
+        step: int,
+        ts_ms: int,
+        macro: np.ndarray,
+        micro: np.ndarray,
+        position: int,
+        action: int,
+        equity_before: float,
+    ) -> None:
+        """Append a decision step (reward still unknown) to an episode."""
+        self.conn.execute(
+            "INSERT INTO episode_steps (episode_id, step, ts_ms, macro, micro, position, action, equity_before)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                episode_id,
+                step,
+                ts_ms,
+                np.ascontiguousarray(macro, dtype=np.float32).tobytes(),
+                np.ascontiguousarray(micro, dtype=np.float32).tobytes(),
+                position,
+                action,
+                equity_before,
+            ),
+        )
+        self.conn.execute(
+            "UPDATE episodes SET steps = steps + 1, end_ts_ms = ? WHERE id = ?",
+            (ts_ms, episode_id),
+        )
+
+    def settle_step(self, episode_id: int, step: int, reward: float) -> None:
+        """Set a step's reward once the candle after it has closed."""
+        cur = self.conn.execute(
+            "UPDATE episode_steps SET reward = ? WHERE episode_id = ? AND step = ? AND reward IS NULL",
+            (reward, episode_id, step),
+        )
+        if cur.rowcount == 1:
+            self.conn.execute("UPDATE episodes SET settled = settled + 1 WHERE id = ?", (episode_id,))
+
+    def unsettled_step(self) -> dict[str, Any] | None:
+        """The newest step without a reward of the open episode (at most one)."""
+        return self._one(
+            "SELECT s.episode_id, s.step, s.ts_ms, s.equity_before FROM episode_steps s"
+            " JOIN episodes e ON e.id = s.episode_id WHERE s.reward IS NULL AND e.status = 'open'"
+            " ORDER BY s.ts_ms DESC LIMIT 1"
+        )
+
+    def close_episode(
+        self, episode_id: int, status: str, *, truncated: bool = False, reason: str | None = None
+    ) -> None:
+        """Close an episode (pending = awaiting its update) or finish it (learned, discarded, ...)."""
+        self.conn.execute(
+            "UPDATE episodes SET status = ?, truncated = MAX(truncated, ?), reason = COALESCE(?, reason),"
+            " closed_at_ms = COALESCE(closed_at_ms, ?) WHERE id = ?",
+            (status, int(truncated), reason, wall_ms(), episode_id),
+        )
+
+    def finish_episode(self, episode_id: int, status: str, k: int | None, reason: str | None = None) -> None:
+        """Record the outcome of a pending episode's update."""
+        self.conn.execute(
+            "UPDATE episodes SET status = ?, k = ?, reason = COALESCE(?, reason) WHERE id = ?",
+            (status, k, reason, episode_id),
+        )
+
+    def episode_batch(self, episode_id: int) -> EpisodeBatch:
+        """The settled steps of an episode in step order (unsettled trailing steps are left out)."""
+        rows = self.conn.execute(
+            "SELECT ts_ms, macro, micro, position, action, reward FROM episode_steps"
+            " WHERE episode_id = ? AND reward IS NOT NULL ORDER BY step",
+            (episode_id,),
+        ).fetchall()
+        if rows and any(r[1] is None for r in rows):
+            raise StateError(f"episode {episode_id} has lost its observations (pruned)")
+        return EpisodeBatch(
+            episode_id=episode_id,
+            ts_ms=np.array([r[0] for r in rows], dtype=np.int64),
+            macro=np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]) if rows else np.empty((0, 0)),
+            micro=np.stack([np.frombuffer(r[2], dtype=np.float32) for r in rows]) if rows else np.empty((0, 0)),
+            positions=np.array([r[3] for r in rows], dtype=np.float32),
+            actions=np.array([r[4] for r in rows], dtype=np.int64),
+            rewards=np.array([r[5] for r in rows], dtype=np.float64),
+        )
+
+    def prune_episode_blobs(self, keep_after_episode_id: int) -> None:
+        """Drop the observation blobs of finished episodes with id <= keep_after_episode_id."""
+        self.conn.execute(
+            "UPDATE episode_steps SET macro = NULL, micro = NULL WHERE episode_id <= ? AND macro IS NOT NULL"
+            " AND episode_id IN (SELECT id FROM episodes WHERE status NOT IN ('open', 'pending'))",
+            (keep_after_episode_id,),
+        )
+
+    # --- updates and checkpoints ----------------------------------------------------------------
+
+    def record_update(self, row: dict[str, Any]) -> None:
+        """One online update (learned or rejected)."""
+        row = {**row, "created_at_ms": wall_ms()}
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        self.conn.execute(f"INSERT INTO updates ({cols}) VALUES ({marks})", tuple(row.values()))
+
+    def checkpoint_refs(self) -> list[tuple[int, str]]:
+        """(k, path) of the online checkpoints the database references, newest first."""
+        return [
+            (int(k), str(p))
+            for k, p in self.conn.execute(
+                "SELECT k, checkpoint_path FROM updates WHERE checkpoint_path IS NOT NULL ORDER BY k DESC"
+            )
+        ]
+
+    def update_count(self, status: str | None = None) -> int:
+        """Number of online updates (of one status)."""
+        if status is None:
+            return int(self.conn.execute("SELECT COUNT(*) FROM updates").fetchone()[0])
+        return int(self.conn.execute("SELECT COUNT(*) FROM updates WHERE status = ?", (status,)).fetchone()[0])
+
+    # --- events ---------------------------------------------------------------------------------
+
+    def add_event(self, kind: str, detail: dict[str, Any] | None = None, candle_ts_ms: int | None = None) -> None:
+        """Record an operator-visible event."""
+        self.conn.execute(
+            "INSERT INTO events (at_ms, candle_ts_ms, kind, detail) VALUES (?, ?, ?, ?)",
+            (wall_ms(), candle_ts_ms, kind, json.dumps(detail or {}, default=str)),
+        )
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Events, oldest first (of one kind)."""
+        sql = "SELECT id, at_ms, candle_ts_ms, kind, detail FROM events"
+        args: tuple[Any, ...] = ()
+        if kind is not None:
+            sql += " WHERE kind = ?"
+            args = (kind,)
+        rows = self.conn.execute(sql + " ORDER BY id", args).fetchall()
+        return [
+            {"id": r[0], "at_ms": r[1], "candle_ts_ms": r[2], "kind": r[3], "detail": json.loads(r[4] or "{}")}
+            for r in rows
+        ]
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _one(self, sql: str, args: tuple[Any, ...] = ()) -> dict[str, Any] | None:
+        cur = self.conn.execute(sql, args)
+        row = cur.fetchone()
+        return None if row is None else dict(zip([d[0] for d in cur.description], row, strict=True))
+
+
+def _connect(path: Path, *, durable: bool, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 30000")
+    if not readonly:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StateError(f"state {path}: cannot switch to WAL journal mode (got {mode})")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+        conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Create the schema, or upgrade it step by step; refuse a database written by a newer ritmo."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise StateError(
+            f"state {path} has schema version {version}, newer than this ritmo understands ({SCHEMA_VERSION}): "
+            "upgrade ritmo, or point RITMO_STATE_DIR elsewhere"
+        )
+    if version == SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if version == 0:
+            tables = conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+            if tables:
+                raise StateError(f"state {path} is an SQLite file but not a ritmo state database")
+            for statement in _statements(_SCHEMA_V1):
+                conn.execute(statement)
+        else:
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _statements(MIGRATIONS[target]):
+                    conn.execute(statement)
+        # user_version is part of the transaction: a crash mid-migration leaves the old version intact.
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _statements(script: str) -> list[str]:
+    """Split a schema script into statements (executescript would COMMIT the open transaction)."""
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _lock(path: Path) -> int:
+    """An exclusive lock on `<db>.lock`: two daemons on one state would trade twice."""
+    fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StateError(f"state {path} is in use by another ritmo process (lock {path}.lock)") from None
+    return fd
+
+
+def open_state(
+    path: str | Path,
+    *,
+    mode: str,
+    symbol: str,
+    durable: bool = True,
+    lock: bool = True,
+) -> StateStore:
+    """Open (creating if needed) the state database of one mode and symbol; refuses another's database."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_fd = _lock(path) if lock else None
+    try:
+        conn = _connect(path, durable=durable)
+        _migrate(conn, path)
+        store = StateStore(conn, path, lock_fd)
+        stored = (store.get_meta("mode"), store.get_meta("symbol"))
+        if stored == (None, None):
+            with store.transaction():
+                store.set_meta_many({"mode": mode, "symbol": symbol, "created_at_ms": wall_ms()})
+        elif stored != (mode, symbol):
+            raise StateError(
+                f"state {path} belongs to mode={stored[0]} symbol={stored[1]}, not mode={mode} symbol={symbol}"
+            )
+    except BaseException:
+        if lock_fd is not None:
+            os.close(lock_fd)
+        raise
+    return store
+
+
+def open_state_readonly(path: str | Path) -> StateStore:
+    """Open an existing state database for reading (`ritmo status`): no lock, no schema change."""
+    path = Path(path)
+    if not path.is_file():
+        raise StateError(f"no state database at {path} (has the daemon run with this mode, symbol and state dir?)")
+    try:
+        conn = _connect(path, durable=False, readonly=not os.access(path.parent, os.W_OK))
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.DatabaseError as exc:
+        raise StateError(f"state {path}: cannot be read ({exc})") from None
+    if version != SCHEMA_VERSION:
+        conn.close()
+        raise StateError(f"state {path} has schema version {version}; this ritmo reads version {SCHEMA_VERSION}")
+    return StateStore(conn, path)
+
+
+def open_state_for_update(path: str | Path) -> StateStore:
+    """Open an existing state database for a small operator write (`ritmo resume`): no daemon lock taken."""
+    path = Path(path)
+    if not path.is_file():
+        raise StateError(f"no state database at {path} (has the daemon run with this mode, symbol and state dir?)")
+    conn = _connect(path, durable=True)
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version != SCHEMA_VERSION:
+        conn.close()
+        raise StateError(f"state {path} has schema version {version}; this ritmo writes version {SCHEMA_VERSION}")
+    return StateStore(conn, path)
