@@ -23,6 +23,7 @@ from strategies.features import (
     build_observations,
     compute_features,
     default_feature_spec,
+    first_valid_row,
     fit_standardizer,
 )
 from strategies.policy import PolicyNet, probs_for_all_positions
@@ -203,6 +204,16 @@ def plot_equity(result: BacktestResult, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _validate_numbers(args: argparse.Namespace) -> None:
+    """Refuse commission, slippage and cash values the accounting cannot take, naming the option."""
+    if args.commission is not None and not 0 <= args.commission < 0.05:
+        raise BacktestError(f"--commission {args.commission}: expected a fraction in [0, 0.05), e.g. 0.001")
+    if not 0 <= args.slippage_bps < 10_000:
+        raise BacktestError(f"--slippage-bps {args.slippage_bps}: expected basis points in [0, 10000)")
+    if not (args.initial_cash > 0 and np.isfinite(args.initial_cash)):
+        raise BacktestError(f"--initial-cash {args.initial_cash}: expected a positive amount")
+
+
 def main(args: argparse.Namespace) -> int:
     """Run `ritmo backtest`."""
     try:
@@ -212,6 +223,7 @@ def main(args: argparse.Namespace) -> int:
         raise BacktestError(f"--from/--to: {exc}") from None
     if to_ms <= from_ms:
         raise BacktestError("--to must be after --from")
+    _validate_numbers(args)
     candles = load_candles(args.data)
     ts = candles["ts_ms"].to_numpy()
     i0, _ = period_rows(ts, from_ms, to_ms)
@@ -220,6 +232,11 @@ def main(args: argparse.Namespace) -> int:
         features = compute_features(candles, spec)
         mode = args.mode or "long_short"
         commission = 0.001 if args.commission is None else args.commission
+        if i0 < 1 or not np.isfinite(features[:i0]).all(axis=1).any():
+            raise BacktestError(
+                "not enough warm-up before the period start: --random-init fits its standardisation on the "
+                f"candles before --from and needs at least {first_valid_row(spec) + 1} of them; start later"
+            )
         bundle = random_bundle(args.seed, features, slice(0, i0), mode, commission)
     else:
         bundle = load_checkpoint(args.checkpoint)

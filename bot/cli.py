@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
 from bot.errors import EXIT_RUNTIME, RitmoError
+from bot.logs import configure_logging
 
 # subcommand -> (module with add_arguments(parser) and main(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -36,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run the command, turn our errors into one line and an exit code."""
     args = build_parser().parse_args(argv)
+    if getattr(args._module, "CONFIGURES_LOGGING", False) is False:
+        # Offline commands print results (JSON, tables) on stdout: their logs go to stderr.
+        configure_logging(fmt=os.environ.get("RITMO_LOG_FORMAT", "auto") or "auto", stream=sys.stderr)
     try:
         return int(args._module.main(args) or 0)
     except RitmoError as exc:

@@ -347,14 +347,6 @@ def checkpoint_file(candles_2024: pd.DataFrame, tmp_path_factory: pytest.TempPat
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "policy.pt", bundle)
 
 
-_WARMUP_BUG = (
-    "bot/backtesting.py main(): with --random-init, random_bundle() fits the standardiser on the rows before "
-    "--from; when none of them has complete features (--from before the data or within its first "
-    "warmup_candles rows) fit_standardizer raises a bare ValueError -> traceback instead of a BacktestError"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=_WARMUP_BUG)
 @pytest.mark.parametrize("where", ["short-file", "before-data", "inside-warm-up"])
 def test_not_enough_warm_up_with_random_init_is_one_clear_line(
     data_path: Path, short_history_file: Path, where: str
@@ -401,13 +393,6 @@ def test_checkpoint_problems_are_one_clear_line(
     _assert_one_error_line(code, out, err, needle)
 
 
-_NUMBERS_BUG = (
-    "bot/backtesting.py add_arguments()/main() do not validate --commission, --slippage-bps and --initial-cash; "
-    "the Ledger's ValueError (strategies/accounting.py apply_action/apply_fill) escapes as a traceback"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=_NUMBERS_BUG)
 @pytest.mark.parametrize(
     "extra",
     [
@@ -450,13 +435,6 @@ def _fresh_process_logging() -> Iterator[None]:
         structlog.configure(**saved)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bot/cli.py never routes logs away from stdout: load_candles' `candle_gaps` warning is printed on "
-    "stdout by structlog's default PrintLogger (configure_logging also defaults to stdout), so `backtest --json` "
-    "on a file with a gap prints a log line before the JSON object",
-)
 def test_json_stdout_stays_pure_when_the_file_has_a_gap(candles_2024: pd.DataFrame, tmp_path: Path) -> None:
     frame = candles_2024.iloc[:1700].drop(index=1600).rename(columns={"ts_ms": "timestamp"})
     path = tmp_path / "gap.csv"
