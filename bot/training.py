@@ -39,7 +39,7 @@ from strategies.features import (
     fit_standardizer,
 )
 from strategies.policy import PolicyNet
-from strategies.trainer import SCHEDULES, RhythmState, TrainConfig, Trainer
+from strategies.trainer import SCHEDULES, START_POSITIONS, RhythmState, TrainConfig, Trainer
 
 log = structlog.get_logger("ritmo.train")
 
@@ -72,6 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, default=d.gamma)
     p.add_argument("--entropy-coef", type=float, default=d.entropy_coef, help="entropy bonus (off by default)")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clip (0 = off)")
+    p.add_argument(
+        "--start-position",
+        choices=START_POSITIONS,
+        default=d.start_position,
+        help="training episodes start flat (the card) or holding a random position (exploring starts)",
+    )
     p.add_argument("--validate-every", type=int, default=100, help="V: updates between validation backtests")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -166,6 +172,7 @@ def main(args: argparse.Namespace) -> int:
         commission=args.commission,
         slippage_bps=args.slippage_bps,
         seed=args.seed,
+        start_position=args.start_position,
     )
     try:
         cfg.validate()

@@ -98,8 +98,10 @@ class VectorTradingEnv:
 
     # ---- episode control ------------------------------------------------------------------------------
 
-    def reset(self, start_idx: torch.Tensor) -> EnvState:
-        """Start B flat episodes (cash = initial_cash, qty 0, position 0) at candles start_idx (B,)."""
+    def reset(self, start_idx: torch.Tensor, initial_position: torch.Tensor | None = None) -> EnvState:
+        """Start B episodes at candles start_idx (B,): flat (cash = initial_cash, qty 0), or already holding
+        `initial_position` (B,) in {-1, 0, 1} of the initial equity at the start candle's close, with no fee
+        (the position is inherited, not traded: training's "exploring starts" option)."""
         start = torch.as_tensor(start_idx)
         if start.ndim != 1 or start.shape[0] == 0:
             raise ValueError(f"start_idx must be a non-empty 1-D tensor (B,), got shape {tuple(start.shape)}")
@@ -117,6 +119,14 @@ class VectorTradingEnv:
         self._cash = torch.full((b,), self.initial_cash, **f64)
         self._qty = torch.zeros(b, **f64)
         self._position = torch.zeros(b, dtype=torch.float32, device=self._open.device)
+        if initial_position is not None:
+            pos = torch.as_tensor(initial_position, dtype=torch.float32, device=self._open.device)
+            allowed = (-1.0, 0.0, 1.0) if self.mode == "long_short" else (0.0, 1.0)
+            if pos.shape != start.shape or not bool(torch.isin(pos, torch.tensor(allowed)).all()):
+                raise ValueError(f"initial_position must be (B,) with values in {allowed} in {self.mode} mode")
+            self._position = pos
+            self._qty = pos.double() * self.initial_cash / self._close[start]
+            self._cash = self._cash - self._qty * self._close[start]
         self._equity = self._cash + self._qty * self._close[start]
         self._fees = torch.zeros(b, **f64)
         self._turnover = torch.zeros(b, **f64)

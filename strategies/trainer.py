@@ -26,6 +26,7 @@ from strategies.env import VectorTradingEnv
 from strategies.policy import MACRO_EMBED, PolicyNet, head_logits_all_positions
 
 SCHEDULES = ("asymmetric", "symmetric")
+START_POSITIONS = ("flat", "random")
 UPDATE_CHUNK_ROWS = 8192  # rows per forward/backward chunk of an update (see Trainer.update)
 ROLLOUT_CHUNK_ROWS = 8192
 
@@ -62,6 +63,9 @@ class TrainConfig:
     """fill price moved against us, basis points"""
     seed: int = 0
     """seeds the initial weights, episode starts, action sampling and dropout"""
+    start_position: str = "flat"
+    """flat: every training episode starts flat (the card); random: it starts holding a position drawn
+    uniformly from the mode's states ("exploring starts", extra beyond the card; see the model cards)"""
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -74,6 +78,8 @@ class TrainConfig:
             raise ValueError("a batch needs at least 2 steps to normalise returns")
         if not 0 < self.gamma <= 1:
             raise ValueError("gamma must be in (0, 1]")
+        if self.start_position not in START_POSITIONS:
+            raise ValueError(f"start_position must be one of {', '.join(START_POSITIONS)}, got {self.start_position!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able copy."""
@@ -186,7 +192,11 @@ class Trainer:
         cdf = cdf.reshape(b, steps, 3, 3)
         uniforms = torch.rand((b, steps), generator=self.generator)
 
-        self.env.reset(starts)
+        initial = None
+        if cfg.start_position == "random":
+            states = torch.tensor([-1.0, 0.0, 1.0] if cfg.position_mode == "long_short" else [0.0, 1.0])
+            initial = states[torch.randint(0, states.numel(), (b,), generator=self.generator)]
+        self.env.reset(starts, initial)
         positions = torch.empty((b, steps), dtype=torch.float32)
         actions = torch.empty((b, steps), dtype=torch.int64)
         rewards = torch.empty((b, steps), dtype=torch.float64)
