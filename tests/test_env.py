@@ -184,3 +184,18 @@ def test_numpy_prices_are_accepted() -> None:
     env.reset(torch.tensor([0]))
     r = env.step(torch.tensor([BUY]))  # E_0 = 1 (flat); q = 1 / 2 at open 2, marked at 2.5: E_1 = 1.25
     assert r.item() == pytest.approx(math.log(1.25), abs=1e-15)
+
+
+def test_reset_with_an_inherited_position_holds_it_without_a_fee() -> None:
+    """Exploring starts: an episode may begin holding -1/0/+1 of equity, bought at the start close, fee-free."""
+    opens = torch.tensor([100.0, 110.0, 121.0], dtype=torch.float64)
+    closes = torch.tensor([100.0, 120.0, 100.0], dtype=torch.float64)
+    env = VectorTradingEnv(opens, closes, mode="long_short", commission=0.001, initial_cash=1.0)
+    env.reset(torch.tensor([0, 0, 0]), torch.tensor([-1.0, 0.0, 1.0]))
+    assert env.position.tolist() == [-1.0, 0.0, 1.0]
+    rewards = env.step(torch.tensor([0, 0, 0]))  # HOLD: marks 100 -> 120, no trade, no fee
+    # long 0.01 units: E = 0 + 0.01 * 120 = 1.2; short: E = 2 - 0.01 * 120 = 0.8; flat: 1
+    torch.testing.assert_close(rewards, torch.log(torch.tensor([0.8, 1.0, 1.2], dtype=torch.float64)))
+    assert env.fees_paid.tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="initial_position"):
+        VectorTradingEnv(opens, closes, mode="long_only").reset(torch.tensor([0]), torch.tensor([-1.0]))
