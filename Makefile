@@ -32,6 +32,8 @@ lint: venv
 bench: venv
 	$(PY) benchmarks/bench_features.py
 	$(PY) benchmarks/bench_backtest.py
+	$(PY) benchmarks/bench_policy.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

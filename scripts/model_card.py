@@ -77,6 +77,21 @@ def plot_training(metrics_path: Path, out_png: Path, title: str) -> dict:
             "validations": len(validations)}  # fmt: skip
 
 
+def validation_probs(bundle, data: str, v_from: str, v_to: str) -> dict:
+    """How decided the policy is over the validation period: action probabilities from the flat state."""
+    from bot.backtesting import period_probs
+    from bot.candle_files import load_candles
+    from strategies.backtest import period_rows
+    from strategies.candles import parse_utc_date_ms
+    from strategies.features import build_observations, compute_features
+
+    candles = load_candles(data)
+    obs = build_observations(compute_features(candles, bundle.spec), bundle.standardizer)
+    i0, i1 = period_rows(candles["ts_ms"].to_numpy(), parse_utc_date_ms(v_from), parse_utc_date_ms(v_to))
+    flat = period_probs(bundle, obs, i0, i1)[:, 1, :]  # position state 0 (flat)
+    return {"mean": flat.mean(axis=0).tolist(), "max_trade": float(flat[:, 1:].sum(axis=1).max())}
+
+
 def fmt_pct(x: float | None) -> str:
     """Percentage or n/a."""
     return "n/a" if x is None else f"{x:+.2%}"
@@ -103,6 +118,7 @@ def main() -> None:
     p.add_argument("--command", required=True, help="the exact command that trained it")
     p.add_argument("--machine", default="", help="machine description for the card")
     p.add_argument("--notes", default="", help="extra markdown appended under Known limitations")
+    p.add_argument("--verdict", default="", help="a plain-words summary placed first")
     args = p.parse_args()
     ckpt: Path = args.checkpoint
     bundle = load_checkpoint(ckpt)
@@ -126,6 +142,7 @@ def main() -> None:
         metrics_row("buy & hold", greedy["buy_and_hold"], days),
         metrics_row("flat", greedy["flat"], days),
     ]
+    probs = validation_probs(bundle, data, v_from, v_to)
     rhythm = bundle.rhythm
     cfg = bundle.train_config
     shares = curves["final_action_shares"]
@@ -154,8 +171,8 @@ Same code version (`{meta.get("code_version")}`), same machine kind and 2 torch 
 - seed {meta["seed"]}; {rhythm["k"]} updates of {cfg["episodes_per_update"]} episodes x {cfg["episode_steps"]} steps
   ({rhythm["macro_updates"]} MacroNet updates); commission {bundle.commission} per side; slippage
   {cfg["slippage_bps"]} bps; entropy bonus {cfg["entropy_coef"]}; gradient clip {cfg["grad_clip"]} (0 = off)
-- training time: {meta["train_seconds"]:.0f} s of updates on {args.machine or meta.get("machine")}
-  (torch {meta.get("torch")}); the machine was shared with other work while it ran
+- training time: {meta["train_seconds"]:.0f} s of updates (torch {meta.get("torch")}) on
+  {args.machine or meta.get("machine")}; the machine was shared with other work while it ran
 - shipped: the LAST state of the run (not the best-on-validation one, `{ckpt.with_suffix(".best.pt").name}`),
   so the validation figures below are out of sample: the validation period chose nothing.
 
@@ -172,7 +189,10 @@ Reproduce a row with `ritmo backtest --checkpoint {ckpt} --data {data} --from {v
 ## Training curves
 
 At the end of training the rollouts' action shares were hold {shares["hold"]:.1%}, buy {shares["buy"]:.1%},
-sell {shares["sell"]:.1%}; policy entropy {curves["final_entropy"]:.4f} nats.
+sell {shares["sell"]:.1%}; policy entropy {curves["final_entropy"]:.4f} nats. Over the validation period, from
+the flat state, the mean probabilities are HOLD {probs["mean"][0]:.6f}, BUY {probs["mean"][1]:.6f},
+SELL {probs["mean"][2]:.6f}; the largest probability of a trading action (BUY or SELL) at any candle is
+{probs["max_trade"]:.3g}.
 
 ![training curves]({train_png.name})
 
@@ -184,6 +204,8 @@ sell {shares["sell"]:.1%}; policy entropy {curves["final_entropy"]:.4f} nats.
 - Position is all-in (-1/0/+1 of equity); no sizing, no stop-loss; fills are at the next 5-minute open.
 {args.notes}
 """
+    if args.verdict:
+        text = text.replace("## Reproduce", f"## Verdict\n\n{args.verdict}\n\n## Reproduce", 1)
     ckpt.with_suffix(".md").write_text(text)
     print(f"wrote {ckpt.with_suffix('.md')}, {train_png}, {valid_png}")
 
