@@ -2,19 +2,29 @@
 
 Everything ccxt raises is translated here, once, into three errors that say what the caller should do
 (bot/errors.py): TemporaryExchangeError (retry later), OperationalExchangeError (a retry will not help:
-stop and tell a human what was refused), AuthenticationExchangeError (keys/permissions). Reads go through
-`retry_read` (capped exponential backoff with full jitter); order placement must never be retried blindly
-and will get no such wrapper. `sleep` and `rng` are injected so tests run in milliseconds.
+stop and tell a human what was refused), AuthenticationExchangeError (keys/permissions, exit 77).
+
+Reads (candles, balance, order status, time, trades) go through `retry_read`: capped exponential backoff
+with full jitter; `Retry-After` honoured on HTTP 429/418; the time offset resynchronised once on
+InvalidNonce (-1021); Binance's -2015 retried once, then taken as an authentication error. Orders are
+never retried here: `create_market_order` sends exactly once and `classify_order_error` tells the caller
+whether the order certainly did not execute ("rejected"), may have ("ambiguous": look it up by client id
+with `fetch_order_by_client_id` before anything else) or the key is refused ("auth"). `CircuitBreaker`
+pauses trading after a run of exchange failures. `sleep`, `rng` and clocks are injected so tests run in
+milliseconds.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import logging
+import math
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import ccxt
@@ -84,15 +94,35 @@ _SECRET_PATTERNS = (
 )
 _REDACTED = "***"
 
+# Binance -2015 "Invalid API-key, IP, or permissions for action." (also in DDoSProtection texts, see retry_read).
+_INVALID_KEY_RE = re.compile(r"(?<![\d.])-2015(?!\d)")
+# A -2015 seen this many times within one read is an authentication error, not a temporary ban.
+INVALID_KEY_STRIKES = 2
+# Binance's handle_errors raises "binance 429 Too Many Requests {...}"; ccxt's generic one "... 418 ...".
+_RATE_LIMIT_STATUS_RE = re.compile(r"(?:^|\s)(418|429)(?:\s|$)")
+# Longest Retry-After a read sleeps through; beyond it the caller (circuit breaker) decides.
+MAX_RETRY_AFTER_S = 60.0
 
-def make_exchange(exchange_id: str, config: dict[str, Any] | None = None) -> Any:
-    """Build a ccxt exchange with rate limiting on and ccxt's own re-sending off; `config` is merged in."""
+
+def make_exchange(
+    exchange_id: str,
+    config: Mapping[str, Any] | None = None,
+    *,
+    sandbox: bool = False,
+    api_key: str = "",
+    api_secret: str = "",
+) -> Any:
+    """Build a ccxt exchange: rate limiting on, re-sending and verbose off, clock sync on; `config` merged in.
+
+    `sandbox=True` selects the exchange's test endpoints: Binance spot's testnet (`set_sandbox_mode`), or
+    demo trading for Binance futures (`enable_demo_trading`; ccxt 4.5 refuses the old futures testnet).
+    """
     if exchange_id not in ccxt.exchanges:
         close = difflib.get_close_matches(exchange_id, ccxt.exchanges, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"unknown exchange id {exchange_id!r}{hint}")
     config = dict(config or {})
-    if not isinstance(config.get("options", {}), dict):
+    if not isinstance(config.get("options", {}), Mapping):
         raise ConfigError("exchange config: 'options' must be a JSON object")
     options = dict(config.pop("options", {}))
     # maxRetriesOnFailure > 0 would make ccxt re-send requests itself, orders included: never allowed.
@@ -100,16 +130,76 @@ def make_exchange(exchange_id: str, config: dict[str, Any] | None = None) -> Any
         raise ConfigError("exchange config: options.maxRetriesOnFailure must be 0 (ccxt would re-send orders)")
     if config.get("enableRateLimit", True) is not True:
         raise ConfigError("exchange config: enableRateLimit must stay true (the exchange bans abusers)")
+    if config.pop("verbose", False):
+        # ccxt's verbose mode print()s every request with its headers, API key included, past all logging.
+        log.warning("exchange_verbose_ignored", exchange=exchange_id, reason="verbose prints the API key")
+    for name, value, key in (("RITMO_API_KEY", api_key, "apiKey"), ("RITMO_API_SECRET", api_secret, "secret")):
+        if value and config.get(key) and config[key] != value:
+            raise ConfigError(f"{name} and RITMO_EXCHANGE_CONFIG's {key!r} differ: set the credential in one place")
+        if value:
+            config[key] = value
+    if sandbox and isinstance(config.get("urls"), Mapping) and "api" in config["urls"]:
+        # Sandbox mode replaces urls.api with ccxt's test URLs: the override would be dropped without a word.
+        raise ConfigError("RITMO_SANDBOX=true conflicts with urls.api in RITMO_EXCHANGE_CONFIG: use one of them")
     options["maxRetriesOnFailure"] = 0
-    args = {**config, "enableRateLimit": True, "options": options}
+    args = {**config, "enableRateLimit": True, "verbose": False, "options": options}
     # ccxt logs request headers, API key included, at DEBUG on its own logger.
     ccxt_logger = logging.getLogger("ccxt")
     if ccxt_logger.level < logging.INFO:
         ccxt_logger.setLevel(logging.INFO)
     try:
-        return getattr(ccxt, exchange_id)(args)
+        exchange = getattr(ccxt, exchange_id)(args)
     except ccxt.BaseError as exc:
         raise ConfigError(f"exchange config rejected by ccxt: {redact(str(exc))}") from None
+    exchange.verbose = False
+    # Signed requests carry a timestamp checked against the server's clock (Binance: -1021 outside
+    # recvWindow); with this option ccxt measures the offset on every load_markets, and retry_read
+    # re-measures it on InvalidNonce. An explicit setting in the config wins.
+    if "adjustForTimeDifference" in exchange.options and "adjustForTimeDifference" not in options:
+        exchange.options["adjustForTimeDifference"] = True
+    if sandbox:
+        _enable_sandbox(exchange)
+    return exchange
+
+
+def exchange_from_settings(settings: Any) -> Any:
+    """make_exchange with the exchange, config, sandbox flag and credentials of a bot.settings.Settings."""
+    return make_exchange(
+        settings.exchange,
+        dict(settings.exchange_config),
+        sandbox=settings.sandbox,
+        api_key=settings.api_key,
+        api_secret=settings.api_secret,
+    )
+
+
+def _enable_sandbox(exchange: Any) -> None:
+    """Point the exchange at its test network (spot testnet) or demo trading (Binance futures), and log it."""
+    urls = getattr(exchange, "urls", {}) or {}
+    default_type = str((exchange.options or {}).get("defaultType", "spot"))
+    is_binance_futures = exchange.id in ("binanceusdm", "binancecoinm") or (
+        exchange.id == "binance" and default_type in ("future", "swap", "delivery")
+    )
+    try:
+        if is_binance_futures and "demo" in urls:
+            exchange.enable_demo_trading(True)
+            kind = "demo_trading"
+        else:
+            exchange.set_sandbox_mode(True)
+            kind = "testnet"
+    except ccxt.NotSupported:
+        raise ConfigError(f"RITMO_SANDBOX=true: ccxt has no test network for {exchange.id}") from None
+    api = exchange.urls.get("api")
+    if isinstance(api, Mapping):
+        # The base URL our orders go to: the futures one on Binance futures, else the spot one.
+        keys = ("fapiPrivate", "dapiPrivate") if is_binance_futures else ("private", "public")
+        if exchange.id == "binancecoinm":
+            keys = ("dapiPrivate",)
+        endpoint = next((api[k] for k in keys if k in api), None)
+        endpoint = endpoint or next(iter(api.values()), None)
+    else:
+        endpoint = api
+    log.warning("exchange_sandbox", exchange=exchange.id, kind=kind, endpoint=str(endpoint))
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
@@ -151,33 +241,124 @@ def map_ccxt_error(exc: BaseException, *, secrets: Iterable[str] = ()) -> Exchan
     return err
 
 
+def is_invalid_key_error(exc: BaseException) -> bool:
+    """True for Binance's -2015 "Invalid API-key, IP, or permissions for action", whatever class ccxt chose."""
+    return _INVALID_KEY_RE.search(str(exc)) is not None
+
+
+def retry_after_s(exchange: Any, exc: BaseException) -> tuple[int | None, float | None]:
+    """(HTTP status 418/429 or None, the response's Retry-After in seconds or None) of a rate-limit error."""
+    if not isinstance(exc, ccxt.RateLimitExceeded | ccxt.DDoSProtection):
+        return None, None
+    match = _RATE_LIMIT_STATUS_RE.search(str(exc))
+    status = int(match.group(1)) if match else None
+    # ccxt keeps the headers of the last response, the failed one included (set before raise_for_status).
+    headers = getattr(exchange, "last_response_headers", None) or {}
+    raw = next((str(v) for k, v in dict(headers).items() if str(k).lower() == "retry-after"), None)
+    if raw is None:
+        return status, None
+    try:
+        seconds = float(raw.strip())
+    except ValueError:
+        # RFC 9110 also allows an HTTP date.
+        try:
+            seconds = parsedate_to_datetime(raw).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError):
+            return status, None
+    if not math.isfinite(seconds):
+        return status, None
+    return status, max(0.0, seconds)
+
+
 def retry_read(
     fn: Callable[[], T],
     *,
     attempts: int = 5,
     base_delay_s: float = 1.0,
     max_delay_s: float = 30.0,
+    max_retry_after_s: float = MAX_RETRY_AFTER_S,
     sleep: Callable[[float], None] = time.sleep,
     rng: Callable[[], float] = random.random,
     secrets: Iterable[str] = (),
     op: str | None = None,
+    exchange: Any | None = None,
 ) -> T:
-    """Call a read `fn`, retrying only TemporaryExchangeError with capped exponential backoff, full jitter."""
+    """Call a read `fn`, retrying TemporaryExchangeError with capped exponential backoff and full jitter.
+
+    `exchange` (default: the object `fn` is bound to) lets a retry honour Retry-After and resync the clock:
+    - HTTP 429/418 (RateLimitExceeded, DDoSProtection): wait the response's Retry-After exactly (a 418
+      without one waits `max_delay_s`); a Retry-After above `max_retry_after_s` (an IP ban of minutes to
+      days) is not slept through: TemporaryExchangeError at once, with `.retry_after_s` for the caller.
+    - InvalidNonce (-1021): `load_time_difference()` once, then one immediate retry; later ones back off.
+    - Binance -2015 that ccxt did not call an authentication error (it reports a -2015 as DDoSProtection
+      once any private call has succeeded): retried once; the second -2015 of the same read is
+      AuthenticationExchangeError, so a revoked key or a removed IP stops the daemon instead of looping.
+    Anything not temporary is raised at once, mapped and redacted.
+    """
     if attempts < 1:
         raise ValueError("attempts must be >= 1")
-    secrets = tuple(secrets)
+    if exchange is None:
+        exchange = getattr(fn, "__self__", None)
+    secrets = (*secrets, *(secrets_of(exchange) if exchange is not None else ()))
     op = op or getattr(fn, "__name__", "read")
+    has_resynced = False
+    invalid_key_strikes = 0
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except (ccxt.BaseError, ExchangeError) as exc:
             err = map_ccxt_error(exc, secrets=secrets)
+            if is_invalid_key_error(exc) and not isinstance(err, AuthenticationExchangeError):
+                invalid_key_strikes += 1
+                if invalid_key_strikes >= INVALID_KEY_STRIKES:
+                    log.error("exchange_invalid_key", op=op, strikes=invalid_key_strikes, error=str(err))
+                    raise AuthenticationExchangeError(
+                        f"exchange refused the API key {invalid_key_strikes} times in a row (-2015 invalid "
+                        "API-key, IP, or permissions): check the key, its IP allow-list and its permissions"
+                    ) from None
             if not isinstance(err, TemporaryExchangeError):
                 # from None: the original exception's text may hold signed URLs; ours is redacted.
                 raise err from None
+            status, retry_after = retry_after_s(exchange, exc)
+            if retry_after is not None and retry_after > max_retry_after_s:
+                log.warning(
+                    "exchange_backoff",
+                    op=op,
+                    attempt=attempt,
+                    status=status,
+                    reason="ip_banned" if status == 418 else "rate_limited",
+                    retry_after_s=retry_after,
+                    gave_up=True,
+                    error=str(err),
+                )
+                out = TemporaryExchangeError(f"{err} (Retry-After {retry_after:g} s is too long to wait in a read)")
+                out.retry_after_s = retry_after  # type: ignore[attr-defined]
+                raise out from None
             if attempt == attempts:
                 log.warning("exchange_gave_up", op=op, attempts=attempts, error=str(err))
-                raise TemporaryExchangeError(f"{err} (gave up after {attempts} attempts)") from None
+                out = TemporaryExchangeError(f"{err} (gave up after {attempts} attempts)")
+                out.retry_after_s = retry_after  # type: ignore[attr-defined]
+                raise out from None
+            if isinstance(exc, ccxt.InvalidNonce) and not has_resynced and exchange is not None:
+                has_resynced = True
+                if _resync_time(exchange, op):
+                    continue  # the clock was the problem: retry at once
+            if retry_after is not None or status == 418:
+                # 418 = IP banned for repeating 429s: retrying early lengthens the ban, so never guess short.
+                delay_s = retry_after if retry_after is not None else max_delay_s
+                log.warning(
+                    "exchange_backoff",
+                    op=op,
+                    attempt=attempt,
+                    attempts=attempts,
+                    status=status,
+                    reason="ip_banned" if status == 418 else "rate_limited",
+                    retry_after_s=retry_after,
+                    delay_s=round(delay_s, 3),
+                    error=str(err),
+                )
+                sleep(delay_s)
+                continue
             # Full jitter (uniform in [0, cap]) spreads retries of many clients; the cap bounds the wait.
             cap_s = min(max_delay_s, base_delay_s * 2 ** (attempt - 1))
             delay_s = rng() * cap_s
@@ -192,6 +373,20 @@ def retry_read(
             )
             sleep(delay_s)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _resync_time(exchange: Any, op: str) -> bool:
+    """Re-measure the offset between the local and the exchange clock (ccxt's load_time_difference)."""
+    load = getattr(exchange, "load_time_difference", None)
+    if load is None:
+        return False
+    try:
+        offset_ms = load()
+    except (ccxt.BaseError, ExchangeError) as exc:
+        log.warning("exchange_time_resync_failed", op=op, error=str(map_ccxt_error(exc, secrets=secrets_of(exchange))))
+        return False
+    log.warning("exchange_time_resync", op=op, time_difference_ms=offset_ms)
+    return True
 
 
 def check_timeframe(timeframe: str) -> None:
@@ -244,6 +439,7 @@ def fetch_ohlcv_page(
         rng=rng,
         secrets=secrets_of(exchange),
         op="fetch_ohlcv",
+        exchange=exchange,
     )
     if not isinstance(rows, list):
         raise OperationalExchangeError(f"{exchange.id} fetch_ohlcv returned {type(rows).__name__}, not a list")
@@ -316,3 +512,406 @@ def fetch_closed_candles(
         return empty_candles()
     df = pd.concat(pages, ignore_index=True)
     return df.drop_duplicates(subset="ts_ms", keep="last").sort_values("ts_ms").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Orders: client ids, precision, one send, classification of failures, lookup by client id.
+# ---------------------------------------------------------------------------------------------------
+
+ORDER_REJECTED = "rejected"
+ORDER_AMBIGUOUS = "ambiguous"
+ORDER_AUTH = "auth"
+
+# Binance's rule for newClientOrderId.
+CLIENT_ORDER_ID_RE = re.compile(r"^[.A-Za-z0-9_-]{1,36}$")
+CLIENT_ORDER_ID_PREFIX = "rt"
+_OUR_CLIENT_ORDER_ID_RE = re.compile(r"^rt([0-9a-f]{6})-([0-9a-z]{1,12})-([a-z0-9]{1,8})-([0-9]{1,5})$")
+_ACTION_CODES = {0: "h", 1: "b", 2: "s", "hold": "h", "buy": "b", "sell": "s"}
+_ACTION_RE = re.compile(r"^[a-z0-9]{1,8}$")
+_B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+# Order failures after which the order certainly did not reach the matching engine, or was refused by it.
+_REJECTED_CLASSES: tuple[type[BaseException], ...] = (
+    ccxt.BadRequest,  # -1013 filters (min notional), -1111 precision, -11xx parameters; BadSymbol
+    ccxt.InvalidOrder,  # LOT_SIZE, -2010 NEW_ORDER_REJECTED, OrderImmediatelyFillable, ...
+    ccxt.InsufficientFunds,
+    ccxt.OperationRejected,  # MarketClosed, ...
+    ccxt.NotSupported,
+    ccxt.ArgumentsRequired,  # raised by ccxt before sending anything
+    # Refused at Binance's gateway before the matching engine: timestamp outside recvWindow (-1021) and
+    # request/order rate limits (HTTP 429/418, -1003, -1015).
+    ccxt.InvalidNonce,
+    ccxt.RateLimitExceeded,
+    ccxt.DDoSProtection,
+)
+# Texts that mean "sent, outcome unknown" whatever class ccxt picked (-1006, -1007 and their messages).
+_STATUS_UNKNOWN_RE = re.compile(r"(?<![\d.])-100[67](?!\d)|status unknown", re.IGNORECASE)
+
+
+def _base36(n: int) -> str:
+    digits = ""
+    while True:
+        n, r = divmod(n, 36)
+        digits = _B36[r] + digits
+        if n == 0:
+            return digits
+
+
+def client_order_id(symbol: str, candle_ts_ms: int, action: str | int, attempt: int = 0) -> str:
+    """Deterministic Binance client order id for (symbol, candle time, action, attempt), e.g. rt1a2b3c-lr0k4g00-b-0.
+
+    The symbol hash keeps instances that trade other symbols on the same account apart; the candle time
+    (base 36) and the action name the decision; `attempt` counts re-sends that the caller has proven safe
+    (the previous attempt looked up and found not executed). Actions: 0/1/2 or hold/buy/sell become
+    h/b/s; any other lowercase word of up to 8 letters or digits (e.g. "flat") is kept.
+    """
+    if candle_ts_ms < 0:
+        raise ValueError(f"candle_ts_ms must be >= 0, got {candle_ts_ms}")
+    if not 0 <= attempt <= 99_999:
+        raise ValueError(f"attempt must be in 0..99999, got {attempt}")
+    code = _ACTION_CODES.get(action.lower() if isinstance(action, str) else action)
+    if code is None:
+        if not isinstance(action, str) or not _ACTION_RE.match(action):
+            raise ValueError(f"action must be 0/1/2, hold/buy/sell or a short lowercase word, got {action!r}")
+        code = action
+    digest = hashlib.sha256(symbol.encode("utf-8")).hexdigest()[:6]
+    cid = f"{CLIENT_ORDER_ID_PREFIX}{digest}-{_base36(int(candle_ts_ms))}-{code}-{attempt}"
+    assert CLIENT_ORDER_ID_RE.match(cid), cid
+    return cid
+
+
+def parse_client_order_id(cid: str | None, symbol: str | None = None) -> dict[str, Any] | None:
+    """The parts of a client id made by client_order_id (None for anyone else's, or another symbol's)."""
+    match = _OUR_CLIENT_ORDER_ID_RE.match(cid or "")
+    if match is None:
+        return None
+    digest, ts36, action, attempt = match.groups()
+    if symbol is not None and hashlib.sha256(symbol.encode("utf-8")).hexdigest()[:6] != digest:
+        return None
+    return {"symbol_hash": digest, "candle_ts_ms": int(ts36, 36), "action": action, "attempt": int(attempt)}
+
+
+def amount_to_precision(exchange: Any, symbol: str, qty: float) -> float:
+    """`qty` truncated to the market's amount step by ccxt (never rounded up); 0.0 when below one step."""
+    if not qty > 0:
+        return 0.0
+    try:
+        return float(exchange.amount_to_precision(symbol, qty))
+    except ccxt.InvalidOrder:
+        # ccxt refuses to return "0" for an amount below one step: that is an amount of zero to us.
+        return 0.0
+
+
+def _market_limit(exchange: Any, symbol: str, kind: str, bound: str) -> float | None:
+    market = exchange.market(symbol)
+    value = ((market.get("limits") or {}).get(kind) or {}).get(bound)
+    return float(value) if value else None
+
+
+def min_notional(exchange: Any, symbol: str) -> float | None:
+    """The market's minimum order value in quote (Binance NOTIONAL/MIN_NOTIONAL filter), None if unknown."""
+    return _market_limit(exchange, symbol, "cost", "min")
+
+
+def min_amount(exchange: Any, symbol: str) -> float | None:
+    """The market's minimum order quantity in base (Binance LOT_SIZE minQty), None if unknown."""
+    return _market_limit(exchange, symbol, "amount", "min")
+
+
+def _client_id_param(exchange: Any, *, lookup: bool) -> str:
+    # Binance names the id newClientOrderId when placing and origClientOrderId when querying.
+    if str(getattr(exchange, "id", "")).startswith("binance"):
+        return "origClientOrderId" if lookup else "newClientOrderId"
+    return "clientOrderId"
+
+
+def classify_order_error(exc: BaseException) -> str:
+    """What an order failure means: "rejected" (certainly not executed), "ambiguous" (may have) or "auth".
+
+    Ambiguous is the default for anything not known to be a refusal: a wrong "rejected" can double an
+    order, a wrong "ambiguous" costs one lookup. After "ambiguous" the caller must look the order up by
+    its client id (fetch_order_by_client_id, and the recent trades) before sending anything again.
+    "auth" is exactly the AuthenticationError family (stop, exit 77). A -2015 that ccxt raises as
+    DDoSProtection (its "temporary ban" reading, once a private call has succeeded) is "rejected": the
+    order did not execute, and the next reads' -2015 rule (retry_read) decides whether the key is gone.
+    """
+    outcome = getattr(exc, "order_outcome", None)
+    if outcome in (ORDER_REJECTED, ORDER_AMBIGUOUS, ORDER_AUTH):
+        return str(outcome)
+    if isinstance(exc, AuthenticationExchangeError | ccxt.AuthenticationError):
+        return ORDER_AUTH
+    if is_invalid_key_error(exc):
+        return ORDER_REJECTED  # refused at the key check, before the matching engine
+    if isinstance(exc, ccxt.BaseError) and _STATUS_UNKNOWN_RE.search(str(exc)):
+        return ORDER_AMBIGUOUS  # -1006/-1007: sent, execution status unknown
+    if isinstance(exc, ccxt.DuplicateOrderId):
+        return ORDER_AMBIGUOUS  # an order with this id exists: find it before deciding anything
+    if isinstance(exc, _REJECTED_CLASSES):
+        return ORDER_REJECTED
+    # RequestTimeout, NetworkError (connection reset), ExchangeNotAvailable (5xx), BadResponse, the bare
+    # ccxt.ExchangeError of an unknown code, our own mapped errors, OSError, ...
+    return ORDER_AMBIGUOUS
+
+
+def create_market_order(exchange: Any, symbol: str, side: str, qty_base: float, client_id: str) -> dict[str, Any]:
+    """Send one market order for `qty_base` (price=None, never quoteOrderQty), never retried.
+
+    Raises our mapped error with `.order_outcome` set by classify_order_error.
+    """
+    if side not in ("buy", "sell"):
+        raise ValueError(f"side must be 'buy' or 'sell', got {side!r}")
+    if not CLIENT_ORDER_ID_RE.match(client_id):
+        raise ValueError(f"client order id {client_id!r} does not match {CLIENT_ORDER_ID_RE.pattern}")
+    if not qty_base > 0:
+        raise ValueError(f"qty_base must be > 0, got {qty_base}")
+    params = {_client_id_param(exchange, lookup=False): client_id}
+    try:
+        # price=None: with a price, ccxt turns a Binance spot market buy into a quote amount (quoteOrderQty).
+        return exchange.create_order(symbol, "market", side, qty_base, None, params)
+    except (ccxt.BaseError, ExchangeError) as exc:
+        err = map_ccxt_error(exc, secrets=secrets_of(exchange))
+        outcome = classify_order_error(exc)
+    except OSError as exc:  # a socket error that escaped ccxt's wrapping: the request may have left
+        err = TemporaryExchangeError(f"order send failed ({type(exc).__name__}): {redact(str(exc))}")
+        outcome = ORDER_AMBIGUOUS
+    err.order_outcome = outcome  # type: ignore[attr-defined]
+    raise err from None
+
+
+def fetch_order_by_client_id(
+    exchange: Any,
+    symbol: str,
+    client_id: str,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    rng: Callable[[], float] = random.random,
+    attempts: int = 5,
+) -> dict[str, Any] | None:
+    """The order with this client id (read, retried), or None when the exchange does not know it.
+
+    Binance: GET /api/v3/order?origClientOrderId=...; -2013 "Order does not exist" is None. Right after an
+    ambiguous send the order may not be visible yet: callers poll for a grace period before concluding.
+    A filled order's client id may be reused on Binance; the newest order with the id is returned.
+    """
+    params = {_client_id_param(exchange, lookup=True): client_id}
+
+    def lookup() -> dict[str, Any] | None:
+        try:
+            return exchange.fetch_order(None, symbol, params)
+        except ccxt.OrderNotFound:
+            return None
+
+    return retry_read(lookup, sleep=sleep, rng=rng, attempts=attempts, op="fetch_order_by_client_id", exchange=exchange)
+
+
+def fetch_balance(
+    exchange: Any,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    rng: Callable[[], float] = random.random,
+) -> dict[str, Any]:
+    """The account balance (ccxt's structure: free/used/total per currency), read with retries."""
+    return retry_read(exchange.fetch_balance, sleep=sleep, rng=rng, op="fetch_balance", exchange=exchange)
+
+
+def fetch_my_trades(
+    exchange: Any,
+    symbol: str,
+    *,
+    since_ms: int | None = None,
+    limit: int | None = None,
+    order_id: str | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    rng: Callable[[], float] = random.random,
+) -> list[dict[str, Any]]:
+    """Our trades on `symbol` (optionally since a time, or of one order id on Binance), read with retries."""
+    params = {"orderId": order_id} if order_id is not None else {}
+    return retry_read(
+        lambda: exchange.fetch_my_trades(symbol, since_ms, limit, params),
+        sleep=sleep,
+        rng=rng,
+        op="fetch_my_trades",
+        exchange=exchange,
+    )
+
+
+def _base_quote(symbol: str) -> tuple[str, str]:
+    pair = symbol.split(":", 1)[0]
+    base, _, quote = pair.partition("/")
+    if not base or not quote:
+        raise ValueError(f"symbol must look like BASE/QUOTE, got {symbol!r}")
+    return base, quote
+
+
+def fee_to_quote(
+    fee: Mapping[str, Any] | None, symbol: str, price: float, rates: Mapping[str, float] | None = None
+) -> float:
+    """A ccxt fee ({cost, currency}) in the quote currency of `symbol`.
+
+    Quote fees count as they are, base fees at the fill `price`, any other currency (BNB) at
+    `rates[currency]`, its price in the quote currency (e.g. the BNB/USDT last price); a missing rate is
+    a ValueError rather than a silently wrong ledger.
+    """
+    if not fee or fee.get("cost") in (None, 0, "0"):
+        return 0.0
+    cost = float(fee["cost"])
+    currency = str(fee.get("currency") or "")
+    base, quote = _base_quote(symbol)
+    if currency == quote:
+        return cost
+    if currency == base:
+        return cost * float(price)
+    rate = (rates or {}).get(currency)
+    if rate is None or not float(rate) > 0:
+        raise ValueError(f"fee charged in {currency or '(no currency)'}: pass its price in {quote} in `rates`")
+    return cost * float(rate)
+
+
+def check_key_permissions(
+    exchange: Any,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    rng: Callable[[], float] = random.random,
+) -> dict[str, Any]:
+    """The API key's permissions (Binance GET /sapi/v1/account/apiRestrictions); refuses a key that can withdraw.
+
+    A withdrawal-enabled key raises AuthenticationExchangeError (exit 77, like any key the exchange
+    refuses): the fix is made on the exchange's API management page, not in our settings, and a leaked
+    trading key must not be able to move funds out. Where the exchange reports nothing (other exchanges,
+    Binance's testnet and demo trading have no /sapi) the result says checked=False and is logged.
+    """
+    method = getattr(exchange, "sapi_get_account_apirestrictions", None)
+    if method is None:
+        log.warning("exchange_key_permissions_unavailable", exchange=exchange.id, reason="not reported")
+        return {"checked": False}
+    try:
+        raw = retry_read(method, sleep=sleep, rng=rng, op="check_key_permissions", exchange=exchange)
+    except OperationalExchangeError as exc:
+        if getattr(exc, "ccxt_error", "") != "NotSupported":
+            raise
+        log.warning("exchange_key_permissions_unavailable", exchange=exchange.id, reason="no sapi endpoint")
+        return {"checked": False}
+    if not isinstance(raw, Mapping):
+        raise OperationalExchangeError(f"{exchange.id} apiRestrictions returned {type(raw).__name__}, not an object")
+    result = {
+        "checked": True,
+        "can_withdraw": bool(raw.get("enableWithdrawals")),
+        "can_trade_spot": bool(raw.get("enableSpotAndMarginTrading")),
+        "can_trade_futures": bool(raw.get("enableFutures")),
+        "can_transfer": bool(raw.get("enableInternalTransfer") or raw.get("permitsUniversalTransfer")),
+        "ip_restricted": bool(raw.get("ipRestrict")),
+    }
+    if result["can_withdraw"]:
+        log.error("exchange_key_can_withdraw", exchange=exchange.id)
+        raise AuthenticationExchangeError(
+            "the API key can withdraw funds: ritmo refuses it; create a key without the withdrawal "
+            "permission (Binance: API management, untick 'Enable Withdrawals') and restrict it to your IP"
+        )
+    if not result["ip_restricted"]:
+        log.warning("exchange_key_not_ip_restricted", exchange=exchange.id)
+    log.info("exchange_key_permissions", exchange=exchange.id, **{k: v for k, v in result.items() if k != "checked"})
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Circuit breaker.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class CircuitBreaker:
+    """Pauses trading after `threshold` consecutive exchange failures; half-opens after `cooldown_ms`.
+
+    closed -> (threshold failures in a row) -> open: trading paused (`is_open`) -> (cooldown passed) ->
+    half_open: the next call is a trial -> success closes it, a failure re-opens it for another cooldown.
+    Pure logic: the caller reports outcomes with record_success/record_failure (temporary exchange errors;
+    an order the exchange refused is an answer, not a failure) and `clock` returns epoch ms.
+    """
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+    def __init__(
+        self,
+        threshold: int = 5,
+        cooldown_ms: int = 300_000,
+        *,
+        clock: Callable[[], int] = _wall_ms,
+        secrets: Iterable[str] = (),
+    ) -> None:
+        if threshold < 1:
+            raise ValueError("threshold must be >= 1")
+        if cooldown_ms < 0:
+            raise ValueError("cooldown_ms must be >= 0")
+        self.threshold = int(threshold)
+        self.cooldown_ms = int(cooldown_ms)
+        self._clock = clock
+        self._secrets = tuple(secrets)
+        self._state = self.CLOSED
+        self._since_ms: int | None = None
+        self._failures = 0
+        self._trips = 0
+        self._last_error: str | None = None
+
+    def _refresh(self) -> str:
+        """The state at the clock's now: an open breaker whose cooldown has passed is half-open."""
+        now = self._clock()
+        if self._state == self.OPEN and self._since_ms is not None and now - self._since_ms >= self.cooldown_ms:
+            self._state = self.HALF_OPEN
+            # The moment the cooldown ended, not the moment someone looked.
+            self._since_ms += self.cooldown_ms
+            log.info("circuit_half_open", failures=self._failures)
+        return self._state
+
+    @property
+    def is_open(self) -> bool:
+        """True while trading is paused (open and cooling down); a half-open breaker lets a trial through."""
+        return self._refresh() == self.OPEN
+
+    def record_success(self) -> None:
+        """The exchange answered: closes a half-open (or open) breaker and resets the failure count."""
+        state = self._refresh()
+        if state != self.CLOSED:
+            now = self._clock()
+            log.info("circuit_closed", after_failures=self._failures, was=state)
+            self._state = self.CLOSED
+            self._since_ms = now
+        self._failures = 0
+
+    def record_failure(self, error: BaseException | str) -> None:
+        """One more consecutive exchange failure: opens the breaker at the threshold, or again when half-open."""
+        state = self._refresh()
+        self._failures += 1
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        self._last_error = redact(text, self._secrets)
+        if state == self.HALF_OPEN or (state == self.CLOSED and self._failures >= self.threshold):
+            self._state = self.OPEN
+            self._since_ms = self._clock()
+            self._trips += 1
+            log.warning(
+                "circuit_open",
+                failures=self._failures,
+                cooldown_s=self.cooldown_ms / 1000,
+                was=state,
+                last_error=self._last_error,
+            )
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able state for `ritmo status`: state, is_open, failures, since_ms, last_error, ..."""
+        state = self._refresh()
+        return {
+            "state": state,
+            "is_open": state == self.OPEN,
+            "failures": self._failures,
+            "threshold": self.threshold,
+            "since_ms": self._since_ms,
+            "half_opens_at_ms": (
+                self._since_ms + self.cooldown_ms if state == self.OPEN and self._since_ms is not None else None
+            ),
+            "trips": self._trips,
+            "last_error": self._last_error,
+        }
