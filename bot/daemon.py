@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -305,21 +305,21 @@ class Daemon:
             t_in = self._perf()
             try:
                 with self.store.transaction():
-                    outcome, _ = self._tick_in_tx(t, upd, t_in)
+                    outcome = self._tick_in_tx(t, upd, t_in)
             except BaseException:
                 # The transaction rolled back: the cache may be ahead of the database, so reload it.
                 self._restore()
                 raise
             latency_ms = (self._perf() - t_in) * 1e3
-            outcome = _replace(outcome, latency_ms=latency_ms, feed_ms=(t_in - t0) * 1e3)
+            outcome = replace(outcome, latency_ms=latency_ms, feed_ms=(t_in - t0) * 1e3)
             # Every tick looks for pending episodes (one indexed query): also those a halt or a crash left.
             update = self._learn_pending()
             if update is not None:
-                outcome = _replace(outcome, update=update)
+                outcome = replace(outcome, update=update)
             self._log_tick(outcome)
             return outcome
 
-    def _tick_in_tx(self, t: int, upd: FeedUpdate, t_in: float) -> tuple[TickOutcome, bool]:
+    def _tick_in_tx(self, t: int, upd: FeedUpdate, t_in: float) -> TickOutcome:
         cfg, store, mem = self.config, self.store, self.mem
         assert mem is not None
         buffer = self.feed.buffer
@@ -340,14 +340,13 @@ class Daemon:
                 mem.unsettled = None
 
         # --- episode bookkeeping ----------------------------------------------------------------
-        closed_pending = False
         ep = mem.episode
         if ep is not None:
             if ep.steps >= cfg.episode_steps and ep.settled >= ep.steps:
-                closed_pending = self._close_episode(ep, truncated=False, reason=None)
+                self._close_episode(ep, truncated=False, reason=None)
             elif ep.last_ts_ms is not None and ep.last_ts_ms != t - CANDLE_MS:
                 why = "stale_data" if upd.is_stale else "gap"
-                closed_pending = self._close_episode(ep, truncated=True, reason=why)
+                self._close_episode(ep, truncated=True, reason=why)
 
         # --- a stale feed: record the skip, act on nothing --------------------------------------
         if upd.is_stale:
@@ -358,7 +357,7 @@ class Daemon:
                 attempts=upd.attempts,
                 error=upd.error,
             )
-            return self._record_skip(t, "stale_data", position_before, t_in), closed_pending
+            return self._record_skip(t, "stale_data", position_before, t_in)
 
         candle = buffer.last()
         equity_before = ledger.equity(candle.close)
@@ -378,15 +377,13 @@ class Daemon:
             log.error("halt", reason=halt["reason"], equity=equity_before, peak_equity=peak)
             store.add_event("halt", halt, candle_ts_ms=t)
         if halted and mem.episode is not None:
-            closed_pending = self._close_episode(mem.episode, truncated=True, reason="halted", force_discard=True) or (
-                closed_pending
-            )
+            self._close_episode(mem.episode, truncated=True, reason="halted", force_discard=True)
 
         # --- decide ---------------------------------------------------------------------------
         obs = observe(buffer.window(self.history), self.bundle)
         if obs is None:
             log.warning("observation_unavailable", candles=len(buffer), needed=self.history)
-            return self._record_skip(t, "warmup", position_before, t_in, candle.close), closed_pending
+            return self._record_skip(t, "warmup", position_before, t_in, candle.close)
         macro, micro = obs
         table = probs_for_all_positions(
             self.learner.model, torch.from_numpy(macro[None]), torch.from_numpy(micro[None])
@@ -482,7 +479,7 @@ class Daemon:
             feed_ms=0.0,
             reason=result.reject_reason,
         )
-        return outcome, closed_pending
+        return outcome
 
     def _settling_candle(self, step_ts_ms: int) -> Candle | None:
         """The candle whose close settles the step decided on step_ts_ms: normally the next one.
@@ -682,12 +679,6 @@ class Daemon:
         act = ACTION_NAMES[o.action] if o.action is not None else "-"
         eq = f"{o.equity:.2f}" if o.equity is not None else "?"
         return f"{iso_utc(o.ts_ms)} {o.status} {act} position={o.position_after} equity={eq} k={o.k}"
-
-
-def _replace(o: TickOutcome, **changes: Any) -> TickOutcome:
-    from dataclasses import replace
-
-    return replace(o, **changes)
 
 
 def checkpoint_dir_for(state_db: Path) -> Path:

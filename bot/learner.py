@@ -102,6 +102,7 @@ class OnlineLearner:
         macro_every: int,
         keep: int,
         optimizer_state: dict[str, Any] | None = None,
+        learning: bool = True,
     ) -> None:
         self.bundle = bundle
         self.model = bundle.model.eval()
@@ -109,13 +110,34 @@ class OnlineLearner:
         self.seed = int(seed)
         self.macro_every = int(macro_every)
         self.keep = int(keep)
-        self.opt_macro = torch.optim.Adam(self.model.macro.parameters(), lr=LR_MACRO)
-        rest = list(self.model.micro.parameters()) + list(self.model.head.parameters())
-        self.opt_rest = torch.optim.Adam(rest, lr=LR_REST)
-        if optimizer_state is not None:
-            self.opt_macro.load_state_dict(optimizer_state["macro"])
-            self.opt_rest.load_state_dict(optimizer_state["rest"])
+        self._optimizer_state = optimizer_state
+        self._optimizers: tuple[torch.optim.Adam, torch.optim.Adam] | None = None
+        if learning:
+            # Built at start-up when learning is on: torch.optim imports torch._dynamo (and sympy), ~70 MB and
+            # ~3 s, which belong in start-up rather than in the first update's tick. A frozen daemon never pays it.
+            self._ensure_optimizers()
         self.version = bundle.version()
+
+    def _ensure_optimizers(self) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+        if self._optimizers is None:
+            opt_macro = torch.optim.Adam(self.model.macro.parameters(), lr=LR_MACRO)
+            rest = list(self.model.micro.parameters()) + list(self.model.head.parameters())
+            opt_rest = torch.optim.Adam(rest, lr=LR_REST)
+            if self._optimizer_state is not None:
+                opt_macro.load_state_dict(self._optimizer_state["macro"])
+                opt_rest.load_state_dict(self._optimizer_state["rest"])
+            self._optimizers = (opt_macro, opt_rest)
+        return self._optimizers
+
+    @property
+    def opt_macro(self) -> torch.optim.Adam:
+        """Adam over MacroNet (lr 1e-4)."""
+        return self._ensure_optimizers()[0]
+
+    @property
+    def opt_rest(self) -> torch.optim.Adam:
+        """Adam over MicroNet + decision head (lr 5e-4)."""
+        return self._ensure_optimizers()[1]
 
     def learn(self, batch: EpisodeBatch, k: int, macro_updates: int) -> UpdateOutcome:
         """Update k on one episode; on success the new model is saved (not yet recorded) and acts next."""

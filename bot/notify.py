@@ -31,6 +31,8 @@ def sd_notify(state: str, env: Mapping[str, str] | None = None) -> bool:
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # Non-blocking: a receiver that stops reading (full queue) must cost a lost ping, never a hung daemon.
+            sock.setblocking(False)
             sock.connect(address)
             sock.sendall(state.encode())
     except OSError:

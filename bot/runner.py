@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import signal
 import threading
@@ -56,6 +57,8 @@ MAX_TICK_FAILURES = 3
 # Feed retries of a missing latest candle, and the pause between them (real time).
 FEED_RETRIES = 3
 FEED_RETRY_DELAY_S = 2.0
+# A replay pings systemd's watchdog at most this often (its ticks run hundreds of times a second).
+REPLAY_WATCHDOG_EVERY_S = 1.0
 
 
 class ReplayError(RitmoError):
@@ -171,6 +174,7 @@ def build_daemon(
             macro_every=settings.macro_every,
             keep=settings.keep_checkpoints,
             optimizer_state=optim,
+            learning=settings.online_learning,
         )
         config = DaemonConfig.from_settings(settings, loaded.bundle.position_mode, greedy=greedy)
         feed = CandleFeed(
@@ -308,11 +312,15 @@ def run_replay(settings: Settings, args: argparse.Namespace, stop: StopSignal) -
         notify.notify_ready()
         ticks = 0
         wall0 = time.perf_counter()
+        last_ping = -math.inf
         while now < to_ms and not stop.is_set():
             clock.set(now)
             daemon.tick(now)
             ticks += 1
-            notify.notify_watchdog()
+            # Hundreds of ticks a second: ping the watchdog at most once a second, not per tick.
+            if time.monotonic() - last_ping >= REPLAY_WATCHDOG_EVERY_S:
+                notify.notify_watchdog()
+                last_ping = time.monotonic()
             now += CANDLE_MS
             if speed is not None:
                 time.sleep(CANDLE_MS / 1000 / speed)
@@ -417,6 +425,7 @@ def run_realtime(
         notify.notify_ready()
         if once:
             outcome = daemon.tick(clock.now_ms())
+            notify.notify_watchdog()
             if outcome is None:
                 log.info("once_nothing_to_do", reason="the newest closed candle was decided on already")
             notify.notify_stopping()

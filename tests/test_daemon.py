@@ -475,3 +475,45 @@ def test_ledger_identity_and_fees_add_up(tmp_path: Path, candles: pd.DataFrame, 
         assert math.isfinite(row["equity_after"])
     finally:
         comps.store.close()
+
+
+def test_crash_between_checkpoint_save_and_record_redoes_the_update(
+    tmp_path: Path, candles: pd.DataFrame, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The update's checkpoint is on disk but its row is not: on restart the orphan goes and the update is redone."""
+    from bot.state import StateStore
+
+    extra = {"episode_steps": 12, "min_episode_steps": 6}
+    ref = replay_daemon(tmp_path / "ref", checkpoint, candles, **extra)
+    try:
+        run_ticks(ref.daemon, DEC1, 30)
+        expected = (ref.daemon.mem.ledger.to_dict(), ref.daemon.mem.k, weights(ref.daemon.learner.model))
+    finally:
+        ref.store.close()
+
+    comps = replay_daemon(tmp_path / "crash", checkpoint, candles, **extra)
+    original = StateStore.record_update
+
+    def crash(self: StateStore, row: dict[str, Any]) -> None:
+        if row["k"] == 1:
+            raise KeyboardInterrupt("power cut")  # after online-000001.pt was written, before its row
+        original(self, row)
+
+    monkeypatch.setattr(StateStore, "record_update", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_ticks(comps.daemon, DEC1, 30)
+    comps.store.close()  # the process is gone; only the database and the files remain
+    monkeypatch.setattr(StateStore, "record_update", original)
+    ckpt_dir = checkpoint_dir_for(comps.store.path)
+    assert (ckpt_dir / "online-000001.pt").exists()  # the orphan
+    comps = replay_daemon(tmp_path / "crash", checkpoint, candles, **extra)
+    try:
+        assert comps.store.update_count() == 2  # the pending episode's update was redone at start
+        # Continue with the ticks the crashed run never made, up to the reference's last one (now = DEC1 + 29 x 5 min).
+        first_now = comps.daemon.mem.last_decision_ts_ms + 2 * CANDLE_MS
+        run_ticks(comps.daemon, first_now, (DEC1 + 29 * CANDLE_MS - first_now) // CANDLE_MS + 1)
+        got = (comps.daemon.mem.ledger.to_dict(), comps.daemon.mem.k, weights(comps.daemon.learner.model))
+        assert got[:2] == expected[:2]
+        assert all(torch.equal(got[2][k], expected[2][k]) for k in expected[2])
+    finally:
+        comps.store.close()

@@ -56,3 +56,20 @@ def test_noop_without_socket(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unreachable_socket_is_not_fatal(tmp_path: Path) -> None:
     assert notify.sd_notify("WATCHDOG=1", env={"NOTIFY_SOCKET": str(tmp_path / "gone.sock")}) is False
     assert notify.sd_notify("WATCHDOG=1", env={"NOTIFY_SOCKET": "vsock:2:1234"}) is False
+
+
+def test_a_receiver_that_stops_reading_never_blocks_the_sender(tmp_path) -> None:
+    """Past the kernel's datagram queue limit, sd_notify returns False instead of hanging the daemon."""
+    import socket as _socket
+
+    from bot.notify import sd_notify
+
+    path = tmp_path / "notify.sock"
+    receiver = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    try:
+        results = [sd_notify("WATCHDOG=1", env={"NOTIFY_SOCKET": str(path)}) for _ in range(200)]
+    finally:
+        receiver.close()
+    assert results[0] is True
+    assert results[-1] is False, "the queue should have filled and the send failed without blocking"
