@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data/binance_BTCUSDT_5m_2024.csv.gz
 
-.PHONY: venv demo test test-all lint bench clean
+DEMO_STATE ?= .demo-state
+
+.PHONY: venv demo run test test-all lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +17,17 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# Replays the daemon (same tick code as live paper trading) over the last two months of the 2024 data with
+# the shipped default checkpoint and online learning on, then prints `ritmo status`.
 demo: venv
-	$(PY) -m bot backtest --random-init --seed 1 --data $(DATA) --from 2024-11-01 --to 2025-01-01
+	rm -rf $(DEMO_STATE)
+	RITMO_LOG_FORMAT=console $(PY) -m bot run --replay $(DATA) --from 2024-11-01 --to 2025-01-01 --speed max \
+		--seed 1 --state-dir $(DEMO_STATE) --checkpoint checkpoints/default.pt --online-learning
+	$(PY) -m bot status --state-dir $(DEMO_STATE) --mode replay
+
+# Paper trading against Binance's public market data (needs internet; no keys). Settings from .env.
+run: venv
+	$(PY) -m bot run
 
 test: venv
 	$(PY) -m ruff check .
@@ -34,6 +45,7 @@ bench: venv
 	$(PY) benchmarks/bench_backtest.py
 	$(PY) benchmarks/bench_policy.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_daemon.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache $(DEMO_STATE)
