@@ -23,21 +23,37 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with one subparser per command."""
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser with one subparser per command.
+
+    Only the module of the command named in `argv` is imported (all of them when `argv` is None): importing
+    every command would load ccxt, pyarrow and matplotlib into a replay or `status` that never uses them
+    (~56 MB of a daemon's resident memory).
+    """
+    chosen = _command_in(argv) if argv is not None else None
     parser = argparse.ArgumentParser(prog="ritmo", description="ritmo: RL trading daemon for 5-minute candles")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(p)
-        p.set_defaults(_module=module)
+        if argv is None or name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(_module=module)
     return parser
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand named in argv (the first non-option word), if it is one of ours."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run the command, turn our errors into one line and an exit code."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     if getattr(args._module, "CONFIGURES_LOGGING", False) is False:
         # Offline commands print results (JSON, tables) on stdout: their logs go to stderr.
         configure_logging(fmt=os.environ.get("RITMO_LOG_FORMAT", "auto") or "auto", stream=sys.stderr)
