@@ -115,7 +115,7 @@ def child(args: argparse.Namespace) -> None:
         args.checkpoint,
         "--online-learning" if args.learning else "--no-online-learning",
     ]
-    ns = build_parser().parse_args(cli)
+    ns = build_parser(cli).parse_args(cli)
     settings = runner.resolve_settings(ns)
     sink = open(os.devnull, "w")  # noqa: SIM115  # lives as long as the process
     configure_logging("json", settings.log_level, stream=sink, secrets=settings.secret_values())
