@@ -76,6 +76,19 @@ class Decision:
         """HOLD, BUY or SELL."""
         return ACTION_NAMES[self.action]
 
+    @property
+    def order_action(self) -> str:
+        """The action an order for this decision carries in its client id: FLATTEN for a halt, else the action."""
+        return "FLATTEN" if self.reason == "halt" else self.action_name
+
+
+def checked_ref_price(ref_price: float) -> float:
+    """The reference price as a float, refused unless positive and finite (brokers size orders with it)."""
+    price = float(ref_price)
+    if not (price > 0 and math.isfinite(price)):
+        raise ValueError(f"reference price must be positive, got {ref_price!r}")
+    return price
+
 
 @dataclass(frozen=True)
 class OrderIntent:
@@ -251,11 +264,8 @@ class PaperBroker:
         """Size with `rebalance`, apply the market rules, record the intent, book the fill."""
         if target_position == ledger.position:
             return ExecutionResult("none", ref_price=ref_price, ref_source=ref_source)
-        ref_price = float(ref_price)
-        if not (ref_price > 0 and math.isfinite(ref_price)):
-            raise ValueError(f"reference price must be positive, got {ref_price!r}")
-        action = "FLATTEN" if decision.reason == "halt" else decision.action_name
-        coid = client_order_id(self.symbol, decision.ts_ms, action)
+        ref_price = checked_ref_price(ref_price)
+        coid = client_order_id(self.symbol, decision.ts_ms, decision.order_action)
         equity_ref = ledger.cash_quote + ledger.qty_base * ref_price
         if target_position != 0 and not equity_ref > 0:
             return self._reject(journal, decision, target_position, ref_price, coid, 0.0, "equity is not positive")

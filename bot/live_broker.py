@@ -28,7 +28,6 @@ importer: every call here goes through its helpers or is mapped with `map_ccxt_e
 
 from __future__ import annotations
 
-import math
 import random
 import stat
 import time
@@ -39,7 +38,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from bot.brokers import Decision, ExecutionResult, OrderIntent, OrderJournal, client_order_id
+from bot.brokers import Decision, ExecutionResult, OrderIntent, OrderJournal, checked_ref_price, client_order_id
 from bot.errors import AuthenticationExchangeError, ConfigError, ExchangeError, TemporaryExchangeError
 from bot.exchange import (
     ORDER_AUTH,
@@ -193,15 +192,12 @@ class LiveBroker:
         """Trade the ledger to `target_position` with one market order; mutates `ledger` by the fills it books."""
         if target_position == ledger.position:
             return ExecutionResult("none", ref_price=ref_price, ref_source=ref_source)
-        ref_price = float(ref_price)
-        if not (ref_price > 0 and math.isfinite(ref_price)):
-            raise ValueError(f"reference price must be positive, got {ref_price!r}")
+        ref_price = checked_ref_price(ref_price)
         if self.position_mode == "long_only" and target_position < 0:
             raise ValueError("long_only: a spot account cannot go short")
         if self.breaker.is_open:
             return self._paused(decision, ref_price, ref_source, "circuit breaker open")
-        action = "FLATTEN" if decision.reason == "halt" else decision.action_name
-        coid = client_order_id(self.symbol, decision.ts_ms, action)
+        coid = client_order_id(self.symbol, decision.ts_ms, decision.order_action)
 
         # --- size (the shared accounting, as PaperBroker) ----------------------------------------
         equity_ref = ledger.cash_quote + ledger.qty_base * ref_price

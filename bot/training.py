@@ -13,7 +13,6 @@ import json
 import math
 import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -354,11 +353,3 @@ def main(args: argparse.Namespace) -> int:
         )
     )
     return 0
-
-
-def time_cycle(trainer: Trainer, n_updates: int) -> float:
-    """Wall seconds for n_updates updates (used by the benchmark and the study)."""
-    t = time.perf_counter()
-    for _ in range(n_updates):
-        trainer.update()
-    return time.perf_counter() - t
