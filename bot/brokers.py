@@ -1,4 +1,4 @@
-"""Order execution behind one seam: the `Broker` protocol, with `PaperBroker` now and a LiveBroker later (issue 5).
+"""Order execution behind one seam: the `Broker` protocol, with `PaperBroker` here and `bot.live_broker.LiveBroker`.
 
 Flow of one decision (the daemon calls this inside the tick's transaction):
   decision + target position + reference price
@@ -173,7 +173,8 @@ class ExecutionResult:
     """What a broker did with one decision."""
 
     status: str
-    """none (nothing to trade), filled, rejected or unknown (live: ambiguous, to reconcile)."""
+    """none (nothing to trade), filled, rejected, unknown (live: ambiguous, to reconcile) or paused (live: the
+    circuit breaker is open or the exchange does not answer; nothing was sent or recorded)."""
     intent: OrderIntent | None = None
     fills: tuple[Fill, ...] = field(default_factory=tuple)
     reject_reason: str | None = None
@@ -226,6 +227,22 @@ class Broker(Protocol):
 
     def reconcile(self, journal: OrderJournal, pending: list[dict[str, Any]], ledger: Ledger) -> None:
         """Resolve orders left `intent`/`sent`/`unknown` by a crash (live looks them up on the exchange)."""
+        ...
+
+    def note_close(self, close: float) -> None:
+        """The decision candle's close, given every tick before `execute` (live: the fat-finger anchor)."""
+        ...
+
+    def opening_ledger(self, initial_cash: float) -> tuple[Ledger, float]:
+        """A new state's ledger and its equity in quote (paper: `initial_cash`; live: the exchange's balances)."""
+        ...
+
+    def check_balances(self, ledger: Ledger) -> dict[str, Any] | None:
+        """Compare with the exchange's balances and adopt them (live); None when there is nothing to check."""
+        ...
+
+    def status(self) -> dict[str, Any] | None:
+        """JSON-able broker state for `ritmo status` (live: the circuit breaker), or None."""
         ...
 
 
@@ -317,6 +334,21 @@ class PaperBroker:
             reason=reason,
         )
         return ExecutionResult("rejected", intent, (), reason, ref_price)
+
+    def note_close(self, close: float) -> None:
+        """Paper fills at the reference price it is given: nothing to anchor."""
+
+    def opening_ledger(self, initial_cash: float) -> tuple[Ledger, float]:
+        """All cash: RITMO_PAPER_BALANCE in quote."""
+        return Ledger(cash_quote=float(initial_cash)), float(initial_cash)
+
+    def check_balances(self, ledger: Ledger) -> dict[str, Any] | None:
+        """No exchange account behind a paper ledger."""
+        return None
+
+    def status(self) -> dict[str, Any] | None:
+        """Paper has no exchange state to show."""
+        return None
 
     def reconcile(self, journal: OrderJournal, pending: list[dict[str, Any]], ledger: Ledger) -> None:
         """Paper intents are written in the tick's own transaction, so none can be left pending."""

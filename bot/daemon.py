@@ -43,7 +43,7 @@ from bot.brokers import Broker, Decision, ExecutionResult
 from bot.checkpoints import ModelBundle
 from bot.feed import Candle, CandleFeed, FeedUpdate, last_closed_open_ms
 from bot.learner import LoadedModel, OnlineLearner, UpdateOutcome
-from bot.state import KEEP_EPISODE_BLOBS, StateStore
+from bot.state import KEEP_EPISODE_BLOBS, StateStore, wall_ms
 from strategies.accounting import ACTION_NAMES, HOLD, Ledger, target_position
 from strategies.candles import CANDLE_MS, iso_utc
 from strategies.features import compute_features, first_valid_row
@@ -209,11 +209,12 @@ class Daemon:
         with store.transaction():
             if "ledger" not in meta:
                 rhythm = self.bundle.rhythm
+                opening, opening_equity = self.broker.opening_ledger(float(cfg.initial_cash))
                 store.set_meta_many(
                     {
-                        "ledger": Ledger(cash_quote=float(cfg.initial_cash)).to_dict(),
-                        "initial_cash": float(cfg.initial_cash),
-                        "peak_equity": float(cfg.initial_cash),
+                        "ledger": opening.to_dict(),
+                        "initial_cash": opening_equity,
+                        "peak_equity": opening_equity,
                         "halt": {"halted": False},
                         "rhythm": {"k": int(rhythm.get("k", 0)), "macro_updates": int(rhythm.get("macro_updates", 0))},
                         "position_mode": cfg.position_mode,
@@ -221,7 +222,10 @@ class Daemon:
                         "episode_steps": cfg.episode_steps,
                     }
                 )
-                store.add_event("state_created", {"initial_cash": cfg.initial_cash, "position_mode": cfg.position_mode})
+                store.add_event(
+                    "state_created",
+                    {"initial_equity": opening_equity, "ledger": opening.to_dict(), "position_mode": cfg.position_mode},
+                )
             else:
                 self._check_compatible(meta)
             store.set_meta(
@@ -236,13 +240,26 @@ class Daemon:
                 "start",
                 {"model_version": self.loaded.version, "checkpoint": str(self.loaded.path), "mode": cfg.mode},
             )
+            ledger = Ledger.from_dict(store.get_meta("ledger"))
             pending = store.pending_orders()
             if pending:
-                ledger = Ledger.from_dict(store.get_meta("ledger"))
                 self.broker.reconcile(store, pending, ledger)
-                store.set_meta("ledger", ledger.to_dict())
+            # After the fills that happened while the daemon was down are booked: the exchange's balances win.
+            check = self.broker.check_balances(ledger)
+            if check is not None:
+                check = {**check, "checked_at_ms": wall_ms()}
+                store.set_meta("balance_check", check)
+                if check.get("adjusted"):
+                    store.add_event("ledger_adjusted", check)
+            store.set_meta("ledger", ledger.to_dict())
+            self._save_broker_status()
         self._restore()
         self._learn_pending()
+
+    def _save_broker_status(self) -> None:
+        status = self.broker.status()
+        if status is not None:
+            self.store.set_meta("broker", status)
 
     def _check_compatible(self, meta: dict[str, Any]) -> None:
         cfg, store = self.config, self.store
@@ -360,6 +377,19 @@ class Daemon:
             return self._record_skip(t, "stale_data", position_before, t_in)
 
         candle = buffer.last()
+        self.broker.note_close(candle.close)
+        pending = store.pending_orders()
+        if pending:
+            # Orders an ambiguous send left `unknown` (live): settle them before anything else is decided.
+            self.broker.reconcile(store, pending, ledger)
+            store.set_meta("ledger", ledger.to_dict())
+        if store.orders_for_candle(t):
+            # A previous run sent (or meant to send) an order for this candle and died before recording the
+            # decision; reconciliation has booked what the exchange did. Never act on one candle twice.
+            log.warning("candle_already_ordered", ts=iso_utc(t), orders=store.orders_for_candle(t))
+            self._save_broker_status()
+            store.set_meta("ledger", ledger.to_dict())
+            return self._record_skip(t, "order_recovered_after_restart", ledger.position, t_in, candle.close)
         equity_before = ledger.equity(candle.close)
         peak = equity_before if peak is None else max(float(peak), equity_before)
         halted = bool(halt.get("halted"))
@@ -414,7 +444,17 @@ class Daemon:
                 for fill in result.fills:
                     store.insert_fill(result.intent.client_order_id, t, fill)
         equity_after = ledger.equity(candle.close)
-        status = "halted" if halted else ("rejected" if result.status == "rejected" else "acted")
+        if halted:
+            status = "halted"
+        elif result.status in ("rejected", "paused"):
+            status = "rejected"
+        else:
+            status = "acted"
+        reject_reason = result.reject_reason
+        if result.status == "paused":
+            reject_reason = f"paused: {result.reject_reason}"
+        elif result.status == "unknown":
+            reject_reason = f"order outcome unknown, reconciled next tick: {result.reject_reason}"
 
         # --- episode step ---------------------------------------------------------------------
         episode_id = episode_step = None
@@ -449,7 +489,9 @@ class Daemon:
                 "equity_after": equity_after,
                 "episode_id": episode_id,
                 "episode_step": episode_step,
-                "reason": result.reject_reason if result.status == "rejected" else (reason if halted else None),
+                "reason": reject_reason
+                if result.status in ("rejected", "paused", "unknown")
+                else (reason if halted else None),
                 "latency_ms": (self._perf() - t_in) * 1e3,
             }
         )
@@ -461,6 +503,7 @@ class Daemon:
                 "last_candle": {"ts_ms": t, "close": candle.close},
             }
         )
+        self._save_broker_status()
         mem.last_decision_ts_ms = t
         outcome = TickOutcome(
             ts_ms=t,
@@ -477,7 +520,7 @@ class Daemon:
             k=mem.k,
             latency_ms=0.0,
             feed_ms=0.0,
-            reason=result.reject_reason,
+            reason=reject_reason,
         )
         return outcome
 

@@ -67,6 +67,8 @@ log = structlog.get_logger(__name__)
 _FINAL_ORDER_STATUSES = ("closed", "canceled", "cancelled", "expired", "rejected")
 # Tolerance on the notional cap: the sizing already targets the cap; this only catches a sizing bug.
 _CAP_TOLERANCE = 1.001
+# Balance differences up to this many quote units are rounding, not a discrepancy.
+DUST_QUOTE = 1.0
 # Trades are searched from this long before the intent: the local and the exchange clocks may disagree.
 TRADES_LOOKBACK_MS = 60_000
 
@@ -144,6 +146,51 @@ class LiveBroker:
         """The circuit breaker's JSON-able state for `ritmo status`."""
         return self.breaker.state()
 
+    def status(self) -> dict[str, Any] | None:
+        """Broker state for `ritmo status`: the circuit breaker."""
+        return {"kind": "live", "exchange": str(getattr(self.exchange, "id", "?")), "breaker": self.breaker_state()}
+
+    def _dust_quote(self) -> float:
+        """A holding worth less than this cannot be sold (the minimum notional): it is no position."""
+        return max(DUST_QUOTE, float(min_notional(self.exchange, self.symbol) or 0.0))
+
+    def opening_ledger(self, initial_cash: float) -> tuple[Ledger, float]:
+        """A new state's ledger: the account's base and quote balances (the account must be ritmo's alone).
+
+        Refuses an account whose base holding is worth more than the cap: ritmo would sell it on its first
+        SELL, and that holding is very likely the user's own, not ritmo's.
+        """
+        totals = self._read(lambda: fetch_balance(self.exchange, sleep=self._sleep, rng=self._rng)).get("total") or {}
+        qty, cash = float(totals.get(self.base) or 0.0), float(totals.get(self.quote) or 0.0)
+        price = self.last_close or self._ticker_last(self.symbol)
+        if qty * price > self.max_position_quote * _CAP_TOLERANCE:
+            raise ConfigError(
+                f"the account holds {qty:g} {self.base} (~{qty * price:.2f} {self.quote}), more than "
+                f"RITMO_MAX_POSITION_QUOTE={self.max_position_quote:g}: ritmo trades the whole {self.base} balance "
+                "of its account; use a dedicated sub-account, or raise the cap if this holding is ritmo's"
+            )
+        position = 1 if qty * price > self._dust_quote() else 0
+        log.info(
+            "ledger_opened_from_exchange", qty_base=qty, cash_quote=cash, price=price, position=position, base=self.base
+        )
+        return Ledger(cash_quote=cash, qty_base=qty, position=position), cash + qty * price
+
+    def check_balances(self, ledger: Ledger) -> dict[str, Any] | None:
+        """Compare the ledger with the exchange's balances; beyond dust the exchange wins (logged loudly)."""
+        price = self.last_close or self._ticker_last(self.symbol)
+        return self._read(
+            lambda: reconcile_balance(
+                self.exchange,
+                ledger,
+                self.symbol,
+                DUST_QUOTE,
+                price=price,
+                position_dust_quote=self._dust_quote(),
+                sleep=self._sleep,
+                rng=self._rng,
+            )
+        )
+
     # --- exchange calls, each reported to the breaker --------------------------------------------
 
     def _read(self, fn: Callable[[], Any]) -> Any:
@@ -211,6 +258,12 @@ class LiveBroker:
         _, _, _, traded, _ = rebalance(ledger.cash_quote, ledger.qty_base, target, ref_price, self.commission, 0.0)
         if traded == 0:
             ledger.position = target_position
+            return ExecutionResult("none", ref_price=ref_price, ref_source=ref_source)
+        if target_position == 0 and abs(ledger.qty_base) * ref_price < self._dust_quote():
+            # Below the minimum notional a holding cannot be sold: it is dust, and the position is flat already
+            # (otherwise a halt or a SELL would be refused again on every tick).
+            log.info("dust_left", qty_base=ledger.qty_base, ref_price=ref_price, client_order_id=coid)
+            ledger.position = 0
             return ExecutionResult("none", ref_price=ref_price, ref_source=ref_source)
         side: Side = "buy" if traded > 0 else "sell"
         qty = abs(float(traded))
@@ -546,9 +599,10 @@ def reconcile_balance(
     exchange: Any,
     ledger: Ledger,
     symbol: str,
-    dust_quote: float = 1.0,
+    dust_quote: float = DUST_QUOTE,
     *,
     price: float | None = None,
+    position_dust_quote: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
     rng: Callable[[], float] = random.random,
 ) -> dict[str, Any]:
@@ -577,10 +631,11 @@ def reconcile_balance(
     position_before = ledger.position
     ledger.qty_base = ex_base
     ledger.cash_quote = ex_quote
-    # The position state follows the holdings: a long beyond dust is +1, nothing (or dust) is flat.
-    ledger.position = 1 if ex_base * price > dust_quote else (-1 if ex_base * price < -dust_quote else 0)
+    # The position state follows the holdings: a long beyond dust (what cannot be sold) is +1, else flat.
+    pos_dust = dust_quote if position_dust_quote is None else position_dust_quote
+    ledger.position = 1 if ex_base * price > pos_dust else (-1 if ex_base * price < -pos_dust else 0)
     out.update(adjusted=True, position_before=position_before, position_after=ledger.position)
-    log.warning("ledger_adjusted", **out)
+    log.error("ledger_adjusted", action="the exchange's balances win", **out)
     return out
 
 

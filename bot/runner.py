@@ -1,4 +1,4 @@
-"""`ritmo run`: the daemon process (paper trading on live market data, `--once`, or `--replay FILE`).
+"""`ritmo run`: the daemon process (paper or live trading on the exchange's data, `--once`, or `--replay FILE`).
 
 Start-up: settings (a bad one exits 78 with one line) -> logging with the secrets to mask -> state database
 (locked: one daemon per state) -> model (the newest online checkpoint the state references, else
@@ -41,7 +41,7 @@ from typing import Any
 import structlog
 
 from bot import notify
-from bot.brokers import TICK_SIZE, MarketRules, PaperBroker
+from bot.brokers import TICK_SIZE, Broker, MarketRules, PaperBroker
 from bot.errors import AuthenticationExchangeError, ConfigError, RitmoError
 from bot.feed import CandleFeed, ExchangeClock, ExchangeMarketData, MarketData, ReplayMarketData, SimClock
 from bot.learner import OnlineLearner, load_model
@@ -115,9 +115,13 @@ def resolve_settings(args: argparse.Namespace, env: dict[str, str] | None = None
         raise ConfigError("--from/--to only apply to a replay (--replay FILE)")
     if settings.mode == "live":
         validate_live(settings)
-        raise ConfigError(
-            "RITMO_MODE=live: live order execution is not available in this version yet; use RITMO_MODE=paper"
-        )
+        if settings.exchange != "binance":
+            raise ConfigError(
+                f"RITMO_EXCHANGE={settings.exchange}: live trading runs on Binance spot (binance) only in this "
+                "version; USD-M futures (long_short) are not supported yet"
+            )
+        if args.greedy:
+            raise ConfigError("--greedy is for paper and replay runs; live mode samples as it was trained")
     return settings
 
 
@@ -146,8 +150,13 @@ def build_daemon(
     feed_retries: int = FEED_RETRIES,
     feed_retry_delay_s: float = FEED_RETRY_DELAY_S,
     before_start: Callable[[StateStore], None] | None = None,
+    make_broker: Callable[[str], Broker] | None = None,
 ) -> Components:
-    """Open the state, load the model, assemble feed, broker, learner and daemon, and start it."""
+    """Open the state, load the model, assemble feed, broker, learner and daemon, and start it.
+
+    `make_broker(position_mode)` builds the broker once the model's position mode is known (live); default
+    a PaperBroker.
+    """
     from bot.daemon import Daemon, DaemonConfig, checkpoint_dir_for, history_needed
 
     db = state_db_path(settings)
@@ -184,13 +193,17 @@ def build_daemon(
             retry_delay_s=feed_retry_delay_s,
             sleep=sleep,
         )
-        broker = PaperBroker(
-            symbol=settings.symbol,
-            commission=settings.commission,
-            slippage_bps=settings.slippage_bps,
-            rules=rules,
-            max_position_quote=settings.max_position_quote,
-        )
+        broker: Broker
+        if make_broker is not None:
+            broker = make_broker(loaded.bundle.position_mode)
+        else:
+            broker = PaperBroker(
+                symbol=settings.symbol,
+                commission=settings.commission,
+                slippage_bps=settings.slippage_bps,
+                rules=rules,
+                max_position_quote=settings.max_position_quote,
+            )
         daemon = Daemon(config, store, feed, broker, learner, loaded)
         daemon.start()
     except BaseException:
@@ -394,12 +407,19 @@ def run_realtime(
     trigger: Any | None = None,
     local_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     feed_retry_delay_s: float = FEED_RETRY_DELAY_S,
+    env_file: str | Path | None = ".env",
 ) -> int:
-    """Paper trading on the exchange's public market data: warm up, then tick on the scheduler (or once)."""
-    from bot.exchange import check_symbol, make_exchange
+    """Paper or live trading on the exchange's market data: warm up, then tick on the scheduler (or once)."""
+    from bot.exchange import check_symbol, exchange_from_settings, make_exchange
 
+    live = settings.mode == "live"
     if exchange is None:
-        exchange = make_exchange(settings.exchange, dict(settings.exchange_config))
+        # Paper reads public market data only: it is never given the keys.
+        exchange = (
+            exchange_from_settings(settings)
+            if live
+            else make_exchange(settings.exchange, dict(settings.exchange_config))
+        )
     sleep = clock.sleep if clock is not None else time.sleep
     check_symbol(exchange, settings.symbol, sleep=sleep)
     if clock is None:
@@ -407,8 +427,15 @@ def run_realtime(
         clock.sync()
     market = ExchangeMarketData(exchange, settings.symbol, sleep=sleep)
     rules = MarketRules.from_ccxt_market(market.market(), int(getattr(exchange, "precisionMode", TICK_SIZE)))
+    make_broker = live_broker_factory(settings, exchange, clock, env_file=env_file) if live else None
     comps = build_daemon(
-        settings, market, sleep=sleep, rules=rules, greedy=greedy, feed_retry_delay_s=feed_retry_delay_s
+        settings,
+        market,
+        sleep=sleep,
+        rules=rules,
+        greedy=greedy,
+        feed_retry_delay_s=feed_retry_delay_s,
+        make_broker=make_broker,
     )
     daemon, store = comps.daemon, comps.store
     exit_code = 0
@@ -436,6 +463,37 @@ def run_realtime(
     finally:
         store.close()
     return exit_code
+
+
+def live_broker_factory(
+    settings: Settings, exchange: Any, clock: Any, *, env_file: str | Path | None
+) -> Callable[[str], Broker]:
+    """A `make_broker` for build_daemon: live start checks, then a LiveBroker for the model's position mode."""
+
+    def make(position_mode: str) -> Broker:
+        from bot.live_broker import LiveBroker, check_live_start
+
+        check_live_start(settings, exchange, position_mode=position_mode, env_file=env_file, sleep=clock.sleep)
+        assert settings.max_position_quote is not None  # validate_live refuses live mode without a cap
+        log.warning(
+            "live_trading",
+            exchange=getattr(exchange, "id", settings.exchange),
+            symbol=settings.symbol,
+            sandbox=settings.sandbox,
+            max_position_quote=settings.max_position_quote,
+            position_mode=position_mode,
+        )
+        return LiveBroker(
+            exchange,
+            symbol=settings.symbol,
+            max_position_quote=settings.max_position_quote,
+            commission=settings.commission,
+            position_mode=position_mode,
+            sleep=clock.sleep,
+            clock_ms=clock.now_ms,
+        )
+
+    return make
 
 
 def _run_scheduler(
@@ -542,6 +600,6 @@ def main(args: argparse.Namespace) -> int:
         log.info("starting", settings=settings.redacted(), once=bool(args.once), replay=str(args.replay or ""))
         if args.replay is not None:
             return run_replay(settings, args, stop)
-        return run_realtime(settings, once=args.once, greedy=args.greedy, stop=stop)
+        return run_realtime(settings, once=args.once, greedy=args.greedy, stop=stop, env_file=args.env_file)
     finally:
         stop.restore()

@@ -45,7 +45,7 @@ from bot.brokers import OrderIntent
 from bot.errors import RitmoError
 from strategies.accounting import Fill
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (
@@ -159,8 +159,11 @@ CREATE TABLE events (
 );
 """
 
-# version reached -> SQL that upgrades from the previous version (none yet; v1 is the first).
-MIGRATIONS: dict[int, str] = {}
+# version reached -> SQL that upgrades from the previous version (a new database gets v1, then each of these).
+MIGRATIONS: dict[int, str] = {
+    # Live crash recovery asks, every tick, whether the candle already has an order.
+    2: "CREATE INDEX orders_decision ON orders (decision_ts_ms)",
+}
 
 # Blobs of episodes older than this many episodes are dropped once learned: they are only needed for
 # the update, and a year of 5-minute steps would otherwise be ~50 MB of observations.
@@ -310,6 +313,13 @@ class StateStore:
         )
         if cur.rowcount != 1:
             raise StateError(f"order {client_order_id} is not in the state database")
+
+    def orders_for_candle(self, decision_ts_ms: int) -> list[str]:
+        """Client ids of the orders recorded for the decision on this candle."""
+        cur = self.conn.execute(
+            "SELECT client_order_id FROM orders WHERE decision_ts_ms = ? ORDER BY created_at_ms", (decision_ts_ms,)
+        )
+        return [str(r[0]) for r in cur.fetchall()]
 
     def pending_orders(self) -> list[dict[str, Any]]:
         """Orders left in intent/sent/unknown (a crash between intent and result; live reconciles them)."""
@@ -545,10 +555,10 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
                 raise StateError(f"state {path} is an SQLite file but not a ritmo state database")
             for statement in _statements(_SCHEMA_V1):
                 conn.execute(statement)
-        else:
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in _statements(MIGRATIONS[target]):
-                    conn.execute(statement)
+            version = 1
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _statements(MIGRATIONS[target]):
+                conn.execute(statement)
         # user_version is part of the transaction: a crash mid-migration leaves the old version intact.
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")

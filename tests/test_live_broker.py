@@ -339,7 +339,7 @@ def test_reconcile_balance_exchange_wins_beyond_dust(env: Env) -> None:
         out = reconcile_balance(env.fake, env.ledger, SYMBOL, dust_quote=1.0, sleep=lambda s: None)
     assert out["adjusted"] and out["exchange_qty_base"] == 0.004 and out["ledger_cash_quote"] == 1_000.0
     [event] = [e for e in logs if e["event"] == "ledger_adjusted"]
-    assert event["log_level"] == "warning"
+    assert event["log_level"] == "error"  # logged loudly
     assert env.ledger.position == 1
     env.assert_ledger_matches_exchange()
     # Within dust: nothing changes.

@@ -173,13 +173,14 @@ def test_configuration_errors_exit_78(
     assert len(err) == 1 and message in err[0], err
 
 
-def test_live_mode_with_confirmation_still_refused_until_issue_5(
+def test_live_mode_refuses_other_exchanges_before_any_network(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from bot.settings import LIVE_CONFIRM_PHRASE
 
     for key, value in {
         "RITMO_MODE": "live",
+        "RITMO_EXCHANGE": "binanceusdm",
         "RITMO_LIVE_CONFIRM": LIVE_CONFIRM_PHRASE,
         "RITMO_API_KEY": KEY,
         "RITMO_API_SECRET": SECRET,
@@ -188,7 +189,7 @@ def test_live_mode_with_confirmation_still_refused_until_issue_5(
         monkeypatch.setenv(key, value)
     assert cli_main(["run", "--once"]) == 78
     err = capsys.readouterr().err
-    assert "not available" in err and KEY not in err and SECRET not in err
+    assert "Binance spot (binance) only" in err and KEY not in err and SECRET not in err
 
 
 def test_replay_period_errors(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
