@@ -137,7 +137,27 @@ def collect_status(store: StateStore) -> dict[str, Any]:
         },
         "seed": meta.get("seed"),
         "replay": meta.get("replay"),
+        "broker": _broker_status(meta.get("broker")),
+        "balance_check": meta.get("balance_check"),
+        "orders": {
+            "by_status": dict(store.conn.execute("SELECT status, COUNT(*) FROM orders GROUP BY status").fetchall()),
+            "pending": [
+                {k: o[k] for k in ("client_order_id", "side", "qty_base", "status", "detail")}
+                for o in store.pending_orders()
+            ],
+        },
     }
+
+
+def _broker_status(broker: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The live broker's circuit breaker, as last written by the daemon (None for paper and replay)."""
+    if not broker:
+        return None
+    breaker = dict(broker.get("breaker") or {})
+    for key in ("since_ms", "half_opens_at_ms"):
+        if breaker.get(key):
+            breaker[key.removesuffix("_ms")] = iso_utc(int(breaker[key]))
+    return {**broker, "breaker": breaker}
 
 
 def format_status(s: dict[str, Any]) -> str:
@@ -174,6 +194,32 @@ def format_status(s: dict[str, Any]) -> str:
             else "no"
         ),
     ]
+    broker = s.get("broker")
+    if broker:
+        b = broker["breaker"]
+        if b.get("state") == "open":
+            state = f"OPEN (trading paused) since {b.get('since')}, retries from {b.get('half_opens_at')}"
+        elif b.get("state") == "half_open":
+            state = "HALF-OPEN (the next order is a trial)"
+        else:
+            state = "closed (trading)"
+        err = f"  last error: {b['last_error']}" if b.get("last_error") else ""
+        lines.append(f"exchange     {broker.get('exchange')}  circuit breaker {state}  trips {b.get('trips', 0)}{err}")
+    check = s.get("balance_check")
+    if check:
+        if check.get("adjusted"):
+            lines.append(
+                f"balances     ADJUSTED to the exchange at start: qty {check['ledger_qty_base']} -> "
+                f"{check['exchange_qty_base']}, cash {money(check['ledger_cash_quote'])} -> "
+                f"{money(check['exchange_cash_quote'])}"
+            )
+        else:
+            lines.append("balances     ledger matched the exchange at start")
+    pending = s.get("orders", {}).get("pending") or []
+    for o in pending:
+        lines.append(
+            f"order        {o['client_order_id']} {o['side']} {o['qty_base']} {o['status']}: {o['detail'] or ''}"
+        )
     return "\n".join(lines)
 
 

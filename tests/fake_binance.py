@@ -132,10 +132,16 @@ class FakeBinance:
         can_withdraw: bool = False,
         ip_restricted: bool = True,
         hang_s: float = 2.0,
+        candles: Any = None,
     ) -> None:
         self.api_key = api_key
         self.api_secret = api_secret
         self.prices: dict[str, Decimal] = {"BTCUSDT": Decimal(str(price)), "BNBUSDT": Decimal(str(bnb_price))}
+        # Real candles (a DataFrame with open/high/low/close/volume): BTCUSDT's candle at time ts is row
+        # (ts // 5 min) mod len, and its price (ticker, fills) is the close of the last closed candle.
+        self.candle_rows = None
+        if candles is not None:
+            self.candle_rows = candles[["open", "high", "low", "close", "volume"]].to_numpy(dtype=float)
         self.fee_rate = Decimal(str(fee_rate))
         # None: charged in the asset received (Binance's default); "BNB": in BNB while there is enough.
         self.fee_asset = fee_asset
@@ -382,8 +388,40 @@ class FakeBinance:
             "symbols": symbols,
         }
 
+    def _price(self, symbol: str) -> Decimal:
+        """The symbol's price now: with real candles, the close of the last closed candle."""
+        if symbol == "BTCUSDT" and self.candle_rows is not None:
+            last_closed = self.server_ms() // CANDLE_MS - 1
+            return Decimal(f"{self.candle_rows[last_closed % len(self.candle_rows), 3]:.2f}")
+        return self.prices[symbol]
+
+    def _real_candle(self, ts_ms: int, now_ms: int) -> list[Any]:
+        """Row (ts // 5 min) mod len of the real candles; the forming one is partial."""
+        assert self.candle_rows is not None
+        o, h, lo, c, v = self.candle_rows[(ts_ms // CANDLE_MS) % len(self.candle_rows)]
+        if ts_ms + CANDLE_MS > now_ms:
+            frac = (now_ms - ts_ms) / CANDLE_MS
+            c, v = o + (c - o) * frac, v * frac
+            h, lo = max(o, c), min(o, c)
+        return [
+            ts_ms,
+            f"{o:.2f}",
+            f"{h:.2f}",
+            f"{lo:.2f}",
+            f"{c:.2f}",
+            f"{v:.8f}",
+            ts_ms + CANDLE_MS - 1,
+            f"{v * c:.8f}",
+            100,
+            f"{v / 2:.8f}",
+            f"{v * c / 2:.8f}",
+            "0",
+        ]
+
     def _candle(self, symbol: str, ts_ms: int, now_ms: int) -> list[Any]:
         """A deterministic synthetic candle around the symbol's price; the forming one is partial."""
+        if symbol == "BTCUSDT" and self.candle_rows is not None:
+            return self._real_candle(ts_ms, now_ms)
         price = float(self.prices[symbol])
         i = ts_ms // CANDLE_MS
         open_ = price * (1 + 0.002 * math.sin(i / 7))
@@ -428,7 +466,7 @@ class FakeBinance:
     def _ticker_24hr(self, params: dict[str, str]) -> Any:
         symbol = self._symbol(params)
         now = self.server_ms()
-        last = _fmt(self.prices[symbol])
+        last = _fmt(self._price(symbol))
         return {
             "symbol": symbol,
             "priceChange": "0.00000000",
@@ -455,7 +493,7 @@ class FakeBinance:
 
     def _ticker_price(self, params: dict[str, str]) -> Any:
         symbol = self._symbol(params)
-        return {"symbol": symbol, "price": _fmt(self.prices[symbol])}
+        return {"symbol": symbol, "price": _fmt(self._price(symbol))}
 
     # -- signed endpoints ---------------------------------------------------------------------------
 
@@ -531,7 +569,7 @@ class FakeBinance:
         if qty > Decimal(market_max):
             raise _error(400, -1013, "Filter failure: MARKET_LOT_SIZE")
         with self._lock:
-            price = self.prices[symbol]
+            price = self._price(symbol)
             cost = qty * price
             if cost < Decimal(min_notional):
                 raise _error(400, -1013, "Filter failure: NOTIONAL")
