@@ -17,7 +17,6 @@ milliseconds.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import math
 import random
@@ -524,11 +523,6 @@ ORDER_AUTH = "auth"
 
 # Binance's rule for newClientOrderId.
 CLIENT_ORDER_ID_RE = re.compile(r"^[.A-Za-z0-9_-]{1,36}$")
-CLIENT_ORDER_ID_PREFIX = "rt"
-_OUR_CLIENT_ORDER_ID_RE = re.compile(r"^rt([0-9a-f]{6})-([0-9a-z]{1,12})-([a-z0-9]{1,8})-([0-9]{1,5})$")
-_ACTION_CODES = {0: "h", 1: "b", 2: "s", "hold": "h", "buy": "b", "sell": "s"}
-_ACTION_RE = re.compile(r"^[a-z0-9]{1,8}$")
-_B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 # Order failures after which the order certainly did not reach the matching engine, or was refused by it.
 _REJECTED_CLASSES: tuple[type[BaseException], ...] = (
@@ -546,49 +540,6 @@ _REJECTED_CLASSES: tuple[type[BaseException], ...] = (
 )
 # Texts that mean "sent, outcome unknown" whatever class ccxt picked (-1006, -1007 and their messages).
 _STATUS_UNKNOWN_RE = re.compile(r"(?<![\d.])-100[67](?!\d)|status unknown", re.IGNORECASE)
-
-
-def _base36(n: int) -> str:
-    digits = ""
-    while True:
-        n, r = divmod(n, 36)
-        digits = _B36[r] + digits
-        if n == 0:
-            return digits
-
-
-def client_order_id(symbol: str, candle_ts_ms: int, action: str | int, attempt: int = 0) -> str:
-    """Deterministic Binance client order id for (symbol, candle time, action, attempt), e.g. rt1a2b3c-lr0k4g00-b-0.
-
-    The symbol hash keeps instances that trade other symbols on the same account apart; the candle time
-    (base 36) and the action name the decision; `attempt` counts re-sends that the caller has proven safe
-    (the previous attempt looked up and found not executed). Actions: 0/1/2 or hold/buy/sell become
-    h/b/s; any other lowercase word of up to 8 letters or digits (e.g. "flat") is kept.
-    """
-    if candle_ts_ms < 0:
-        raise ValueError(f"candle_ts_ms must be >= 0, got {candle_ts_ms}")
-    if not 0 <= attempt <= 99_999:
-        raise ValueError(f"attempt must be in 0..99999, got {attempt}")
-    code = _ACTION_CODES.get(action.lower() if isinstance(action, str) else action)
-    if code is None:
-        if not isinstance(action, str) or not _ACTION_RE.match(action):
-            raise ValueError(f"action must be 0/1/2, hold/buy/sell or a short lowercase word, got {action!r}")
-        code = action
-    digest = hashlib.sha256(symbol.encode("utf-8")).hexdigest()[:6]
-    cid = f"{CLIENT_ORDER_ID_PREFIX}{digest}-{_base36(int(candle_ts_ms))}-{code}-{attempt}"
-    assert CLIENT_ORDER_ID_RE.match(cid), cid
-    return cid
-
-
-def parse_client_order_id(cid: str | None, symbol: str | None = None) -> dict[str, Any] | None:
-    """The parts of a client id made by client_order_id (None for anyone else's, or another symbol's)."""
-    match = _OUR_CLIENT_ORDER_ID_RE.match(cid or "")
-    if match is None:
-        return None
-    digest, ts36, action, attempt = match.groups()
-    if symbol is not None and hashlib.sha256(symbol.encode("utf-8")).hexdigest()[:6] != digest:
-        return None
-    return {"symbol_hash": digest, "candle_ts_ms": int(ts36, 36), "action": action, "attempt": int(attempt)}
 
 
 def amount_to_precision(exchange: Any, symbol: str, qty: float) -> float:

@@ -16,12 +16,12 @@ import ccxt
 import pytest
 from structlog.testing import capture_logs
 
+from bot.brokers import client_order_id
 from bot.errors import EXIT_NOPERM, AuthenticationExchangeError, OperationalExchangeError, TemporaryExchangeError
 from bot.exchange import (
     amount_to_precision,
     check_key_permissions,
     classify_order_error,
-    client_order_id,
     create_market_order,
     exchange_from_settings,
     exchange_now_ms,
@@ -141,7 +141,7 @@ def test_settings_json_round_trip_builds_the_same_client(fake: FakeBinance) -> N
 
 
 def test_market_buy_is_signed_sent_once_with_quantity_and_client_id(fake: FakeBinance, exchange: Any) -> None:
-    cid = client_order_id(SYMBOL, CANDLE_TS, "buy", 0)
+    cid = client_order_id(SYMBOL, CANDLE_TS, "BUY")
     qty = amount_to_precision(exchange, SYMBOL, 0.0123456)
     assert qty == 0.01234  # truncated to the 0.00001 step, never rounded up
     order = create_market_order(exchange, SYMBOL, "buy", qty, cid)
@@ -177,7 +177,7 @@ def test_bnb_fee_and_split_fills(fake: FakeBinance, exchange: Any) -> None:
     fake.fee_asset = "BNB"
     fake.fills_per_order = 3
     fake.set_balance("BNB", 1.0)
-    order = create_market_order(exchange, SYMBOL, "buy", 0.003, client_id=client_order_id(SYMBOL, CANDLE_TS, 1))
+    order = create_market_order(exchange, SYMBOL, "buy", 0.003, client_id=client_order_id(SYMBOL, CANDLE_TS, "BUY"))
     trades = fetch_my_trades(exchange, SYMBOL, order_id=order["id"], sleep=Recorder())
     assert len(trades) == 3 and sum(t["amount"] for t in trades) == pytest.approx(0.003)
     assert {t["fee"]["currency"] for t in trades} == {"BNB"}
@@ -198,7 +198,7 @@ def test_bnb_fee_and_split_fills(fake: FakeBinance, exchange: Any) -> None:
 def test_refused_orders_are_rejected_not_ambiguous(
     fake: FakeBinance, exchange: Any, qty: float, ccxt_class: type[Exception], code: str
 ) -> None:
-    cid = client_order_id(SYMBOL, CANDLE_TS, "buy", 0)
+    cid = client_order_id(SYMBOL, CANDLE_TS, "BUY")
     with pytest.raises(ccxt_class, match=code) as raw:
         exchange.create_order(SYMBOL, "market", "buy", qty, None, {"newClientOrderId": cid})
     assert classify_order_error(raw.value) == "rejected"
@@ -220,7 +220,7 @@ def test_refused_orders_are_rejected_not_ambiguous(
 def test_executed_but_failed_answer_is_ambiguous_and_found_by_lookup(
     fake: FakeBinance, exchange: Any, fault: str, ccxt_class: str
 ) -> None:
-    cid = client_order_id(SYMBOL, CANDLE_TS, "buy", 0)
+    cid = client_order_id(SYMBOL, CANDLE_TS, "BUY")
     fake.fail_next_order(fault)
     with pytest.raises(TemporaryExchangeError) as info:
         create_market_order(exchange, SYMBOL, "buy", 0.01, cid)
@@ -234,7 +234,7 @@ def test_executed_but_failed_answer_is_ambiguous_and_found_by_lookup(
 
 
 def test_timeout_before_execution_is_ambiguous_and_lookup_finds_nothing(fake: FakeBinance, exchange: Any) -> None:
-    cid = client_order_id(SYMBOL, CANDLE_TS, "sell", 0)
+    cid = client_order_id(SYMBOL, CANDLE_TS, "SELL")
     fake.fail_next_order("timeout")
     with pytest.raises(TemporaryExchangeError) as info:
         create_market_order(exchange, SYMBOL, "buy", 0.01, cid)
@@ -246,7 +246,7 @@ def test_timeout_before_execution_is_ambiguous_and_lookup_finds_nothing(fake: Fa
 def test_a_filled_orders_client_id_can_be_reused_so_only_the_lookup_prevents_doubles(
     fake: FakeBinance, exchange: Any
 ) -> None:
-    cid = client_order_id(SYMBOL, CANDLE_TS, "buy", 0)
+    cid = client_order_id(SYMBOL, CANDLE_TS, "BUY")
     first = create_market_order(exchange, SYMBOL, "buy", 0.01, cid)
     second = create_market_order(exchange, SYMBOL, "buy", 0.02, cid)  # Binance accepts it: not open any more
     assert first["id"] != second["id"] and len(fake.orders) == 2
@@ -289,7 +289,7 @@ def test_revoked_key_after_a_success_is_retried_once_then_auth(fake: FakeBinance
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["exchange_invalid_key"]
     # An order refused this way certainly did not execute; one -2015 alone does not stop the daemon.
     with pytest.raises(TemporaryExchangeError) as order_err:
-        create_market_order(exchange, SYMBOL, "buy", 0.01, client_order_id(SYMBOL, CANDLE_TS, "buy"))
+        create_market_order(exchange, SYMBOL, "buy", 0.01, client_order_id(SYMBOL, CANDLE_TS, "BUY"))
     assert order_err.value.order_outcome == "rejected"  # type: ignore[attr-defined]
     assert fake.orders == []
 
@@ -361,7 +361,7 @@ def test_key_and_secret_never_appear_in_logs_errors_or_output(
     with capture_logs() as logs:
         ex = make_exchange("binance", config, api_key=TEST_API_KEY, api_secret=TEST_API_SECRET)
         ex.load_markets()
-        cid = client_order_id(SYMBOL, CANDLE_TS, "buy", 0)
+        cid = client_order_id(SYMBOL, CANDLE_TS, "BUY")
         create_market_order(ex, SYMBOL, "buy", 0.01, cid)
         fetch_my_trades(ex, SYMBOL, sleep=Recorder())
         fake.fail_next("/api/v3/account", "429", retry_after_s=1)

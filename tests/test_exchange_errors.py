@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from structlog.testing import capture_logs
 
+from bot.brokers import client_order_id
 from bot.errors import (
     EXIT_NOPERM,
     EXIT_RUNTIME,
@@ -22,13 +23,11 @@ from bot.errors import (
     TemporaryExchangeError,
 )
 from bot.exchange import (
-    CLIENT_ORDER_ID_RE,
     MAX_MESSAGE_CHARS,
     CircuitBreaker,
     amount_to_precision,
     check_key_permissions,
     classify_order_error,
-    client_order_id,
     create_market_order,
     exchange_now_ms,
     fee_to_quote,
@@ -40,7 +39,6 @@ from bot.exchange import (
     map_ccxt_error,
     min_amount,
     min_notional,
-    parse_client_order_id,
     redact,
     retry_after_s,
     retry_read,
@@ -436,7 +434,7 @@ def test_create_market_order_is_never_retried_and_carries_the_outcome() -> None:
     fake = FakeExchange(_candles(10))
     fake.fail_next("create_order", ccxt.RequestTimeout)
     with pytest.raises(TemporaryExchangeError) as info:
-        create_market_order(fake, "BTC/USDT", "buy", 0.01, client_order_id("BTC/USDT", T0, "buy"))
+        create_market_order(fake, "BTC/USDT", "buy", 0.01, client_order_id("BTC/USDT", T0, "BUY"))
     assert info.value.order_outcome == "ambiguous"  # type: ignore[attr-defined]
     assert fake.calls["create_order"] == 1 and fake.orders == []
     for bad in ({"side": "long"}, {"client_id": "has space"}, {"qty": 0.0}):
@@ -447,34 +445,6 @@ def test_create_market_order_is_never_retried_and_carries_the_outcome() -> None:
 
 
 # ---- client order ids, precision, fees ----------------------------------------------------------------------
-
-
-def test_client_order_id_is_deterministic_short_and_distinct() -> None:
-    cid = client_order_id("BTC/USDT", T0, "buy", 0)
-    assert cid == client_order_id("BTC/USDT", T0, 1, 0) == client_order_id("BTC/USDT", T0, "BUY")
-    assert CLIENT_ORDER_ID_RE.match(cid) and cid.startswith("rt")
-    others = {
-        client_order_id("ETH/USDT", T0, "buy", 0),
-        client_order_id("BTC/USDT", T0 + CANDLE_MS, "buy", 0),
-        client_order_id("BTC/USDT", T0, "sell", 0),
-        client_order_id("BTC/USDT", T0, "buy", 1),
-        client_order_id("BTC/USDT", T0, "flat", 0),
-    }
-    assert cid not in others and len(others) == 5
-    longest = client_order_id("BTC/USDT:USDT", 10**15, "flatten1", 99_999)
-    assert CLIENT_ORDER_ID_RE.match(longest) and len(longest) <= 36
-    assert parse_client_order_id(cid, "BTC/USDT") == {
-        "symbol_hash": cid[2:8],
-        "candle_ts_ms": T0,
-        "action": "b",
-        "attempt": 0,
-    }
-    assert parse_client_order_id(cid, "ETH/USDT") is None
-    assert parse_client_order_id("x-TKT5PX2F1234") is None
-    for bad in ({"action": "Buy now"}, {"action": 7}, {"attempt": -1}, {"candle_ts_ms": -5}):
-        kwargs = {"symbol": "BTC/USDT", "candle_ts_ms": T0, "action": "buy", "attempt": 0} | bad
-        with pytest.raises(ValueError):
-            client_order_id(**kwargs)
 
 
 def test_amount_precision_and_limits_from_the_market() -> None:
@@ -742,7 +712,7 @@ def test_fake_order_checks_like_binance(amount: float, exc: type[Exception], mat
 def test_fake_execute_then_raise_and_lookup() -> None:
     fake = _trading_fake()
     fake.fail_after_execute("create_order", "500")
-    cid = client_order_id("BTC/USDT", T0, "buy")
+    cid = client_order_id("BTC/USDT", T0, "BUY")
     with pytest.raises(TemporaryExchangeError) as info:
         create_market_order(fake, "BTC/USDT", "buy", 0.01, cid)
     assert info.value.order_outcome == "ambiguous"  # type: ignore[attr-defined]

@@ -248,7 +248,7 @@ def test_live_status_shows_the_breaker_and_the_balance_check(
     fake.set_balance("USDT", sum(fake.balance("USDT")) + 40.0)
     code, output = run_live(live_env(fake, tmp_path / "state", buy_ckpt))
     assert code == 0, output
-    assert [e for e in events(output) if e["event"] == "ledger_adjusted"][0]["level"] == "error"
+    assert next(e for e in events(output) if e["event"] == "ledger_adjusted")["level"] == "error"
     assert_ledger_matches_exchange(state_db(tmp_path / "state"), fake)
     assert cli_main(["status", "--state-dir", str(tmp_path / "state")]) == 0
     text = capsys.readouterr().out
