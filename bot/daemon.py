@@ -383,6 +383,12 @@ class Daemon:
             # Orders an ambiguous send left `unknown` (live): settle them before anything else is decided.
             self.broker.reconcile(store, pending, ledger)
             store.set_meta("ledger", ledger.to_dict())
+            unresolved = [str(r["client_order_id"]) for r in store.pending_orders()]
+            if unresolved:
+                # The exchange could not tell what became of an order: a new one could double the position.
+                log.error("orders_unresolved", orders=unresolved, action="no new order until they are settled")
+                self._save_broker_status()
+                return self._record_skip(t, "order_unresolved", ledger.position, t_in, candle.close)
         if store.orders_for_candle(t):
             # A previous run sent (or meant to send) an order for this candle and died before recording the
             # decision; reconciliation has booked what the exchange did. Never act on one candle twice.

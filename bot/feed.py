@@ -312,6 +312,7 @@ class ExchangeMarketData:
                 rng=self._rng,
                 secrets=secrets_of(self.exchange),
                 op="fetch_ticker",
+                exchange=self.exchange,
             )
             last = float((ticker or {}).get("last") or 0.0)
             if last > 0 and np.isfinite(last):

@@ -520,6 +520,11 @@ class LiveBroker:
         if not booked_qty > 0:
             return None
         position_after = intent.target_position
+        if position_after == 0:
+            # A partly filled order to flat leaves a holding: the position stays until what is left is dust.
+            left = ledger.qty_base + (booked_qty if side == "buy" else -booked_qty)
+            if abs(left) * price >= self._dust_quote():
+                position_after = 1 if left > 0 else -1
         fill = ledger.apply_fill(side, booked_qty, price, fee_quote_cash, position_after)
         if fee_quote_outside:
             # BNB is not a ledger holding: count the fee, leave cash equal to the exchange's quote balance.

@@ -19,7 +19,10 @@ Faults, on command: `fail_next` (raise before the call does anything, optionally
 header), `fail_after_execute` (the call does its work, e.g. an order executes, then raises: a timeout
 or a 5xx on the way back), `rate_limit_next` (HTTP 429/418 as ccxt.binance reports them: DDoSProtection,
 with Retry-After in `last_response_headers`), `partial_fill_next`, and `down_for(ms)`: every call raises
-ExchangeNotAvailable until the fake's clock has moved past that time.
+ExchangeNotAvailable until the fake's clock has moved past that time (`down_for(ms, methods=...)`: only those
+calls, e.g. the private API down while market data still answers). `order_visibility_lag_ms`: an order and its
+trades stay invisible to `fetch_order`/`fetch_my_trades` for that long after they execute (Binance's -2013
+"Order does not exist" right after a timed-out send).
 
 Every public method starts with `_enter(name)`, which counts the call and raises any injected failure.
 """
@@ -209,8 +212,12 @@ class FakeExchange:
         self.orders: list[dict[str, Any]] = []
         self.trades: list[dict[str, Any]] = []
         self._partial: deque[float] = deque()
-        # Every call raises ExchangeNotAvailable while now_ms < down_until_ms (see down_for).
+        # Every call raises ExchangeNotAvailable while now_ms < down_until_ms (see down_for); with
+        # down_methods set, only calls of those methods do.
         self.down_until_ms: int | None = None
+        self.down_methods: frozenset[str] | None = None
+        # Orders and trades younger than this are not found by fetch_order / fetch_my_trades (0: at once).
+        self.order_visibility_lag_ms = 0
         self._next_order_id = 1000
         self._next_trade_id = 5000
 
@@ -266,9 +273,10 @@ class FakeExchange:
             raise ValueError("ratio must be in [0, 1)")
         self._partial.extend([ratio] * times)
 
-    def down_for(self, ms: int) -> None:
-        """Every call raises ExchangeNotAvailable until the fake's clock has advanced `ms` from now."""
+    def down_for(self, ms: int, *, methods: tuple[str, ...] | None = None) -> None:
+        """Every call (or every call of `methods`) raises ExchangeNotAvailable until the clock has advanced `ms`."""
         self.down_until_ms = self.now_ms + int(ms)
+        self.down_methods = None if methods is None else frozenset(methods)
 
     def set_ticker_price(self, symbol: str, price: float) -> None:
         """fetch_ticker(symbol)'s last price (and the fill price of its orders unless fill_price is set)."""
@@ -298,11 +306,14 @@ class FakeExchange:
         self.call_log.append((method_name, kwargs))
         if self.down_until_ms is not None:
             if self.now_ms < self.down_until_ms:
-                self.last_response_headers = None
-                raise ccxt.ExchangeNotAvailable(
-                    f"{self.id} {method_name} 503 Service Unavailable (down until {self.down_until_ms})"
-                )
-            self.down_until_ms = None
+                if self.down_methods is None or method_name in self.down_methods:
+                    self.last_response_headers = None
+                    raise ccxt.ExchangeNotAvailable(
+                        f"{self.id} {method_name} 503 Service Unavailable (down until {self.down_until_ms})"
+                    )
+            else:
+                self.down_until_ms = None
+                self.down_methods = None
         queue = self._failures.get(method_name)
         if queue:
             injected = queue.popleft()
@@ -582,6 +593,12 @@ class FakeExchange:
         amount = cost * rate if currency == quote else qty * rate
         return currency, amount.quantize(Decimal("1e-8"), ROUND_DOWN)
 
+    def _visible(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Orders or trades the exchange's queries already show (see order_visibility_lag_ms)."""
+        if not self.order_visibility_lag_ms:
+            return items
+        return [x for x in items if x["timestamp"] + self.order_visibility_lag_ms <= self.now_ms]
+
     def fetch_order(self, id: str | None, symbol: str | None = None, params: dict | None = None) -> dict[str, Any]:
         """An order by id or by params origClientOrderId/clientOrderId (the newest one with that id)."""
         params = dict(params or {})
@@ -591,7 +608,7 @@ class FakeExchange:
         client_id = params.get("origClientOrderId") or params.get("clientOrderId")
         found = [
             o
-            for o in self.orders
+            for o in self._visible(self.orders)
             if o["symbol"] == symbol and ((id is not None and o["id"] == str(id)) or o["clientOrderId"] == client_id)
         ]
         if not found:
@@ -608,7 +625,7 @@ class FakeExchange:
         self._enter("fetch_my_trades", symbol=symbol, since=since, limit=limit, params=params)
         if symbol is None:
             raise ccxt.ArgumentsRequired(f"{self.id} fetchMyTrades() requires a symbol argument")
-        out = [t for t in self.trades if t["symbol"] == symbol]
+        out = [t for t in self._visible(self.trades) if t["symbol"] == symbol]
         if since is not None:
             out = [t for t in out if t["timestamp"] >= since]
         if "orderId" in params:
