@@ -29,8 +29,10 @@ market order answered NEW, executed behind the answer) and `pay_funding`.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from decimal import ROUND_DOWN, Decimal
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import ccxt
 
@@ -120,6 +122,10 @@ class FakeFutures(FakeExchange):
         self.leverage = 20
         self.hedged = False
         self._answer_new = 0
+        # Binance's JSON of every order (as GET /fapi/v1/order shows it) and trade (GET /fapi/v1/userTrades).
+        self.raw_orders: list[dict[str, Any]] = []
+        self.raw_trades: list[dict[str, Any]] = []
+        self.http_log: list[tuple[str, str, dict[str, str]]] = []
 
     # -- test controls ------------------------------------------------------------------------------
 
@@ -306,18 +312,23 @@ class FakeFutures(FakeExchange):
         price: float | None = None,
         params: dict | None = None,
     ) -> dict[str, Any]:
-        """A market order in one-way mode, checked and booked like Binance futures; the RESULT answer."""
+        """A market order in one-way mode, checked and booked like Binance futures; ccxt's parse of the answer."""
         params = dict(params or {})
         self._enter("create_order", symbol=symbol, type=type, side=side, amount=amount, price=price, params=params)
+        if type != "market" or price is not None:
+            raise ValueError("fake: market orders with price=None only")
+        answer = self._place(symbol, side, _dec(amount), params)
+        self._exit("create_order")
+        return self.parser.parse_order(answer, self.market(symbol))
+
+    def _place(self, symbol: str, side: str, qty: Decimal, params: Mapping[str, Any]) -> dict[str, Any]:
+        """POST /fapi/v1/order type MARKET: check, execute, store; Binance's RESULT answer (raw JSON)."""
         market = self.market(symbol)
         if symbol != self.symbol:
             raise ccxt.BadSymbol(f"{self.id} fake trades {self.symbol} only")
-        if type != "market" or price is not None:
-            raise ValueError("fake: market orders with price=None only")
         reduce_only = str(params.get("reduceOnly", False)).lower() == "true"
         if self.hedged and params.get("positionSide") in (None, "BOTH"):
             raise self.binance_error(-4061, "Order's position side does not match user's setting.")
-        qty = _dec(amount)
         step = _dec(market["precision"]["amount"])
         if qty <= 0 or qty % step != 0:
             raise self.binance_error(-1111, "Precision is over the maximum defined for this asset.")
@@ -380,14 +391,14 @@ class FakeFutures(FakeExchange):
             "updateTime": self.now_ms,
         }
         # GET /fapi/v1/order adds the creation time; that is what fetch_order answers later.
-        self.orders.append(self.parser.parse_order({**raw, "time": self.now_ms}, market))
+        self.raw_orders.append({**raw, "time": self.now_ms})
+        self.raw_trades.extend(raw_trades)
+        self.orders.append(self.parser.parse_order(self.raw_orders[-1], market))
         self.trades.extend(self.parser.parse_trade(t, market) for t in raw_trades)
-        answer = raw
         if self._answer_new:
             self._answer_new -= 1
-            answer = {**raw, "status": "NEW", "avgPrice": "0.00", "executedQty": "0", "cumQty": "0", "cumQuote": "0"}
-        self._exit("create_order")
-        return self.parser.parse_order(answer, market)
+            return {**raw, "status": "NEW", "avgPrice": "0.00", "executedQty": "0", "cumQty": "0", "cumQuote": "0"}
+        return raw
 
     def _execute(self, order_id: int, side: str, filled: Decimal, price: Decimal, step: Decimal) -> list[dict]:
         """Book `filled` at `price` (later pieces a tick worse) into the account; the userTrades entries."""
@@ -464,6 +475,66 @@ class FakeFutures(FakeExchange):
             return super().fetch_order(id, symbol, params)
         except ccxt.OrderNotFound:
             raise self.binance_error(-2013, "Order does not exist.") from None
+
+    # -- HTTP: the real ccxt.binanceusdm client against this account ------------------------------------
+
+    def serve(self, url: str, method: str = "GET", headers: Any = None, body: str | None = None) -> Any:
+        """Answer one request of a real ccxt.binanceusdm as Binance would (install as its `fetch`).
+
+        Every request is logged in `http_log` as (method, path, params); a Binance error is raised as the
+        exception ccxt's handle_errors makes of it. Faults injected on the unified names apply here too.
+        """
+        parts = urlsplit(url)
+        params = dict(parse_qsl(parts.query)) | dict(parse_qsl(body or ""))
+        path = parts.path
+        self.http_log.append((method, path, params))
+        symbol = next((m["symbol"] for m in self.markets.values() if m["id"] == params.get("symbol")), None)
+        if (method, path) == ("POST", "/fapi/v1/order"):
+            self._enter("create_order", symbol=symbol, side=params["side"].lower(), params=params)
+            if params.get("type") != "MARKET" or "price" in params:
+                raise ValueError("fake: MARKET orders without a price only")
+            answer = self._place(str(symbol), params["side"].lower(), Decimal(params["quantity"]), params)
+            self._exit("create_order")
+            return answer
+        if (method, path) == ("GET", "/fapi/v1/order"):
+            self._enter("fetch_order", params=params)
+            found = [
+                o
+                for o in self.raw_orders
+                if str(o["orderId"]) == params.get("orderId") or o["clientOrderId"] == params.get("origClientOrderId")
+            ]
+            if not found:
+                raise self.binance_error(-2013, "Order does not exist.")
+            return found[-1]
+        if (method, path) == ("GET", "/fapi/v1/userTrades"):
+            self._enter("fetch_my_trades", params=params)
+            trades = [t for t in self.raw_trades if t["time"] >= int(params.get("startTime", 0))]
+            return [t for t in trades if "orderId" not in params or str(t["orderId"]) == params["orderId"]]
+        if (method, path) == ("GET", "/fapi/v3/account"):
+            self._enter("fetch_balance")
+            return self._account()
+        if (method, path) == ("GET", "/fapi/v3/positionRisk"):
+            self._enter("fetch_positions")
+            return [self._position_risk()]
+        if (method, path) == ("GET", "/fapi/v1/positionSide/dual"):
+            self._enter("fetch_position_mode")
+            return {"dualSidePosition": self.hedged}
+        if (method, path) == ("GET", "/fapi/v1/leverageBracket"):
+            bracket = {"bracket": 1, "initialLeverage": 125, "notionalCap": 50000, "notionalFloor": 0}
+            return [{"symbol": "BTCUSDT", "brackets": [{**bracket, "maintMarginRatio": 0.004, "cum": 0.0}]}]
+        if (method, path) == ("GET", "/fapi/v1/ticker/24hr"):
+            self._enter("fetch_ticker", symbol=symbol)
+            last = _s(_dec(self._last_price(str(symbol)) or 0))
+            return {"symbol": params.get("symbol"), "lastPrice": last, "closeTime": self.now_ms}
+        if (method, path) == ("POST", "/fapi/v1/marginType"):
+            mode = params["marginType"].lower().replace("crossed", "cross")
+            if mode == self.margin_mode:
+                # Binance answers 400 -4046; ccxt's set_margin_mode swallows the MarginModeAlreadySet it makes of it.
+                raise self.binance_error(-4046, "No need to change margin type.", path)
+            return self.set_margin_mode(mode, symbol)
+        if (method, path) == ("POST", "/fapi/v1/leverage"):
+            return self.set_leverage(int(params["leverage"]), symbol)
+        raise AssertionError(f"fake futures: no route for {method} {path}")
 
 
 def ledger_cash(fake: FakeFutures) -> float:

@@ -101,7 +101,9 @@ def events(output: str) -> list[dict[str, Any]]:
     out = []
     for line in output.splitlines():
         if line.startswith("{"):
-            out.append(json.loads(line))
+            record = json.loads(line)
+            if "event" in record:  # not `ritmo status --json`
+                out.append(record)
     return out
 
 
@@ -254,3 +256,52 @@ def test_live_status_shows_the_breaker_and_the_balance_check(
     text = capsys.readouterr().out
     assert "ADJUSTED to the exchange" in text and "circuit breaker closed" in text
     assert_no_secret(output + text, tmp_path)
+
+
+@pytest.mark.parametrize("source", ["env_file", "credentials"])
+def test_keys_from_env_file_or_systemd_credentials_never_leak(
+    fake: FakeBinance,
+    buy_ckpt: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    source: str,
+) -> None:
+    """The keys read from a .env file (left world-readable: warned) or from $CREDENTIALS_DIRECTORY sign orders
+    and appear nowhere: not in logs, errors, `ritmo status`, the state database or the online checkpoints."""
+    monkeypatch.chdir(tmp_path)
+    for key in list(os.environ):
+        if key.startswith("RITMO_") or key == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(key)
+    env = live_env(fake, tmp_path / "state", buy_ckpt)
+    del env["RITMO_API_KEY"], env["RITMO_API_SECRET"]
+    env_file = tmp_path / "ritmo.env"
+    if source == "env_file":
+        env_file.write_text(f"RITMO_API_KEY={TEST_API_KEY}\nRITMO_API_SECRET={TEST_API_SECRET}\n")
+        env_file.chmod(0o644)
+    else:
+        creds = tmp_path / "creds"
+        creds.mkdir()
+        (creds / "ritmo_api_key").write_text(TEST_API_KEY + "\n")
+        (creds / "ritmo_api_secret").write_text(TEST_API_SECRET + "\n")
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+        env_file.write_text("")
+        env_file.chmod(0o600)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    # A first run whose order answers 500 after executing (error paths logged), then a clean one.
+    fake.fail_next_order("500_after_execute")
+    assert cli_main(["run", "--once", "--env-file", str(env_file)]) == 0
+    fake.server_offset_ms += 300_000
+    assert cli_main(["run", "--once", "--env-file", str(env_file)]) == 0
+    assert cli_main(["status", "--state-dir", str(tmp_path / "state"), "--json"]) == 0
+    out = capsys.readouterr()
+    output = out.out + out.err
+    assert len(fake.orders) == 1 and fake.requests_to("/api/v3/order", "POST")[0].signature_ok
+    warned = [e for e in events(output) if e["event"] == "env_file_permissions"]
+    assert bool(warned) == (source == "env_file")
+    secret_free = {p for p in tmp_path.rglob("*") if p.is_file() and p.parent.name != "creds" and p != env_file}
+    for path in secret_free:
+        data = path.read_bytes()
+        assert TEST_API_KEY.encode() not in data and TEST_API_SECRET.encode() not in data, path
+    assert TEST_API_KEY not in output and TEST_API_SECRET not in output
