@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import random
+import signal
+import socket
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
+import structlog
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_2024 = REPO.parent / "shared" / "data" / "binance_BTCUSDT_5m_2024.csv.gz"
@@ -28,3 +37,42 @@ def candles_2024(data_path: Path) -> pd.DataFrame:
     for col in ("open", "high", "low", "close", "volume"):
         df[col] = df[col].astype("float64")
     return df
+
+
+@pytest.fixture
+def isolated_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """For tests that run `ritmo` in-process: no RITMO_* from the environment, cwd in tmp_path; logging,
+    signal handlers, torch threads and `random` (retry jitter, seeded here) restored afterwards."""
+    for key in list(os.environ):
+        if key.startswith("RITMO_") or key in ("NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    threads = torch.get_num_threads()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    state = random.getstate()
+    random.seed(20241201)
+    yield
+    random.setstate(state)
+    for s, h in previous.items():
+        signal.signal(s, h)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger("apscheduler").setLevel(logging.NOTSET)
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def localhost_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refuse every connection that is not to 127.0.0.1 / ::1 (or a Unix socket): no test reaches an exchange."""
+    real_connect = socket.socket.connect
+
+    def guarded(self: socket.socket, address: Any) -> Any:
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            raise AssertionError(f"test tried to reach {address!r}: only 127.0.0.1 is allowed")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)

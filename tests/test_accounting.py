@@ -262,9 +262,7 @@ def test_rebalance_is_bit_identical_on_floats_numpy_and_torch() -> None:
         price = rng.uniform(1e3, 1e5)
         qty = rng.choice([0.0, rng.uniform(-2.0, 2.0)])
         cash = rng.uniform(0.5, 3.0) * 1e4 - qty * price
-        rows.append(
-            (cash, qty, rng.choice([-1, 0, 1]), price * rng.uniform(0.95, 1.05), rng.choice([0.0, 3.0]))
-        )
+        rows.append((cash, qty, rng.choice([-1, 0, 1]), price * rng.uniform(0.95, 1.05), rng.choice([0.0, 3.0])))
     commission = 0.00075
     scalar = [rebalance(c, q, p, r, commission, s) for c, q, p, r, s in rows]
     cols = list(zip(*rows, strict=True))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -54,16 +53,8 @@ class Recorder:
 
 
 @pytest.fixture(autouse=True)
-def _localhost_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Refuse every connection that is not to 127.0.0.1 / ::1 (or a Unix socket)."""
-    real_connect = socket.socket.connect
-
-    def guarded(self: socket.socket, address: Any) -> Any:
-        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
-            raise AssertionError(f"test tried to reach {address!r}: only 127.0.0.1 is allowed")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
+def _localhost_only(localhost_only: None) -> None:
+    """Only 127.0.0.1 (tests/conftest.py)."""
 
 
 @pytest.fixture

@@ -121,13 +121,18 @@ T3 = iso_utc(T0 + 3 * CANDLE_MS)
 
 # (case id, writer(tmp_path) -> path, substrings the one-line message must contain)
 MALFORMED = [
-    ("missing_column", _edit(lambda rows: [r.pop() for r in rows], "timestamp,open,high,low,close"),
-     ["missing column(s) volume"]),
-    ("extra_column", _edit(lambda rows: [r.append(7) for r in rows], HEADER + ",trades"),
-     ["unexpected column(s) trades"]),
+    (
+        "missing_column",
+        _edit(lambda rows: [r.pop() for r in rows], "timestamp,open,high,low,close"),
+        ["missing column(s) volume"],
+    ),
+    (
+        "extra_column",
+        _edit(lambda rows: [r.append(7) for r in rows], HEADER + ",trades"),
+        ["unexpected column(s) trades"],
+    ),
     ("extra_field_in_a_row", _extra_field, ["malformed CSV", "line 4"]),
-    ("ts_ms_header", _edit(lambda rows: None, HEADER.replace("timestamp", "ts_ms")),
-     ["unexpected column ts_ms"]),
+    ("ts_ms_header", _edit(lambda rows: None, HEADER.replace("timestamp", "ts_ms")), ["unexpected column ts_ms"]),
     ("non_numeric", _edit(_set(2, 4, "abc")), ["non-numeric", "column close", "line 4", "'abc'"]),
     ("non_numeric_timestamp", _edit(_set(1, 0, "2024-01-01")), ["non-numeric", "column timestamp", "line 3"]),
     ("nan", _edit(_set(3, 5, "")), ["NaN", "column volume", "line 5"]),
@@ -146,14 +151,12 @@ MALFORMED = [
     ("corrupt_gzip", _raw("candles.csv.gz", b"\x1f\x8b\x08\x00garbage-not-deflate" * 4), ["gzip"]),
     ("not_gzip_at_all", _raw("candles.csv.gz", b"timestamp,open\n1,2\n"), ["gzip"]),
     ("truncated_gzip", _truncated_gzip, ["gzip"]),
-    ("gzip_named_csv", lambda tmp: _raw("candles.csv", gzip.compress(_csv(_rows()).encode()))(tmp),
-     ["not a text CSV"]),
+    ("gzip_named_csv", lambda tmp: _raw("candles.csv", gzip.compress(_csv(_rows()).encode()))(tmp), ["not a text CSV"]),
     ("datetime_parquet", _datetime_parquet, ["column timestamp holds datetimes", "epoch milliseconds"]),
     ("corrupt_parquet", _raw("candles.parquet", b"PAR1 definitely not parquet"), ["Parquet"]),
     ("missing_file", lambda tmp: tmp / "nope.csv.gz", ["file not found"]),
     ("directory", lambda tmp: (tmp / "dir.csv").mkdir() or tmp / "dir.csv", ["directory"]),
-    ("unknown_extension", lambda tmp: _write(tmp / "candles.txt", _csv(_rows())),
-     ["unknown file extension .txt"]),
+    ("unknown_extension", lambda tmp: _write(tmp / "candles.txt", _csv(_rows())), ["unknown file extension .txt"]),
     ("no_extension", lambda tmp: _write(tmp / "candles", _csv(_rows())), ["unknown file extension"]),
 ]
 
@@ -232,8 +235,14 @@ def test_real_file_round_trip(tmp_path: Path, data_path: Path, candles_2024: pd.
 
 def test_save_writes_plain_decimals(tmp_path: Path) -> None:
     df = pd.DataFrame(
-        {"ts_ms": [T0], "open": [42488.0], "high": [42500.5], "low": [42000.25], "close": [42100.0],
-         "volume": [0.00001]}
+        {
+            "ts_ms": [T0],
+            "open": [42488.0],
+            "high": [42500.5],
+            "low": [42000.25],
+            "close": [42100.0],
+            "volume": [0.00001],
+        }
     )
     out = tmp_path / "one.csv"
     save_candles(df, out)

@@ -95,9 +95,7 @@ def test_since_is_rounded_up_to_a_candle(tmp_path: Path, src: pd.DataFrame, fake
     assert load_candles(out)["ts_ms"].tolist() == src["ts_ms"].iloc[11:20].tolist()
 
 
-def test_resume_after_interruption_gives_exact_data(
-    tmp_path: Path, src: pd.DataFrame, fake: FakeExchange
-) -> None:
+def test_resume_after_interruption_gives_exact_data(tmp_path: Path, src: pd.DataFrame, fake: FakeExchange) -> None:
     out = tmp_path / "btc.csv.gz"
     # A non-retryable failure on the third page.
     fake.fail_next("fetch_ohlcv", ccxt.ExchangeError("binance boom"), after=2)
@@ -140,9 +138,7 @@ def test_progress_is_on_disk_during_the_download(tmp_path: Path, src: pd.DataFra
     assert seen_rows == [0, 1000, 2000]
 
 
-def test_transient_errors_are_retried_with_backoff(
-    tmp_path: Path, src: pd.DataFrame, fake: FakeExchange
-) -> None:
+def test_transient_errors_are_retried_with_backoff(tmp_path: Path, src: pd.DataFrame, fake: FakeExchange) -> None:
     out = tmp_path / "btc.csv.gz"
     fake.fail_next("fetch_ohlcv", ccxt.RequestTimeout, times=2, after=1)
     fake.fail_next("fetch_ohlcv", ccxt.ExchangeNotAvailable, times=2)
@@ -159,20 +155,20 @@ def test_transient_errors_are_retried_with_backoff(
     assert result.api_calls == 3  # pages, not attempts
     retries = [e for e in logs if e["event"] == "exchange_retry"]
     assert [e["error_class"] for e in retries] == [
-        "NetworkError", "RequestTimeout", "RequestTimeout", "ExchangeNotAvailable", "ExchangeNotAvailable"
+        "NetworkError",
+        "RequestTimeout",
+        "RequestTimeout",
+        "ExchangeNotAvailable",
+        "ExchangeNotAvailable",
     ]
 
 
-def test_retries_exhausted_then_rerun_completes(
-    tmp_path: Path, src: pd.DataFrame, fake: FakeExchange
-) -> None:
+def test_retries_exhausted_then_rerun_completes(tmp_path: Path, src: pd.DataFrame, fake: FakeExchange) -> None:
     out = tmp_path / "btc.csv.gz"
     fake.fail_next("fetch_ohlcv", ccxt.NetworkError, times=5, after=1)
     sleep = Recorder()
     with pytest.raises(TemporaryExchangeError, match="gave up after 5 attempts"):
-        download_candles(
-            fake, SYMBOL, "5m", _ts(src, 0), None, out, sleep=sleep, rng=lambda: 1.0, progress=False
-        )
+        download_candles(fake, SYMBOL, "5m", _ts(src, 0), None, out, sleep=sleep, rng=lambda: 1.0, progress=False)
     assert sleep.delays == [1.0, 2.0, 4.0, 8.0]
     assert len(load_candles(out)) == 1000
     download_candles(fake, SYMBOL, "5m", _ts(src, 0), None, out, sleep=sleep, progress=False)
@@ -220,9 +216,7 @@ def test_file_with_another_interval_is_refused(tmp_path: Path, src: pd.DataFrame
         download_candles(fake, SYMBOL, "5m", _ts(src, 0), None, out, progress=False)
 
 
-def test_cannot_prepend_but_listing_date_is_fine(
-    tmp_path: Path, src: pd.DataFrame, fake: FakeExchange
-) -> None:
+def test_cannot_prepend_but_listing_date_is_fine(tmp_path: Path, src: pd.DataFrame, fake: FakeExchange) -> None:
     out = tmp_path / "btc.csv.gz"
     save_candles(src.iloc[500:1000], out)
     with pytest.raises(CandleFileError, match="cannot prepend"):
@@ -251,9 +245,7 @@ def test_unknown_symbol_and_bad_arguments(tmp_path: Path, src: pd.DataFrame, fak
     assert not out.exists()
 
 
-def test_file_reaching_past_exchange_time_is_refused(
-    tmp_path: Path, src: pd.DataFrame, fake: FakeExchange
-) -> None:
+def test_file_reaching_past_exchange_time_is_refused(tmp_path: Path, src: pd.DataFrame, fake: FakeExchange) -> None:
     out = tmp_path / "future.csv"
     save_candles(src, out)  # includes the candle that is still forming on the fake's clock
     with pytest.raises(CandleFileError, match="is not closed yet at exchange time"):
@@ -285,8 +277,16 @@ def _parser() -> argparse.ArgumentParser:
 def test_cli_parser_and_main(tmp_path: Path, src: pd.DataFrame, patched: list) -> None:
     out = tmp_path / "btc.csv.gz"
     args = _parser().parse_args(
-        ["--since", "2024-01-01", "--until", "2024-01-02T00:00Z", "--out", str(out),
-         "--exchange-config", '{"timeout": 30000}']
+        [
+            "--since",
+            "2024-01-01",
+            "--until",
+            "2024-01-02T00:00Z",
+            "--out",
+            str(out),
+            "--exchange-config",
+            '{"timeout": 30000}',
+        ]
     )
     assert args.exchange == "binance" and args.symbol == "BTC/USDT" and args.timeframe == "5m"
     assert main(args) == 0
@@ -313,8 +313,13 @@ def test_cli_parser_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[
 
 def _namespace(out: Path, **overrides: object) -> argparse.Namespace:
     values = {
-        "exchange": "binance", "symbol": SYMBOL, "timeframe": "5m", "since": "2024-01-01",
-        "until": "2024-01-01T01:00", "out": str(out), "exchange_config": None,
+        "exchange": "binance",
+        "symbol": SYMBOL,
+        "timeframe": "5m",
+        "since": "2024-01-01",
+        "until": "2024-01-01T01:00",
+        "out": str(out),
+        "exchange_config": None,
     }
     values.update(overrides)
     return argparse.Namespace(**values)

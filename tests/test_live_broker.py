@@ -7,7 +7,6 @@ Helpers here (`Env`, `make_env`, `tick`) are shared with tests/test_live_faults.
 from __future__ import annotations
 
 import logging
-import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -449,16 +448,9 @@ def test_secrets_never_appear_in_logs_or_errors(tmp_path: Path, caplog: pytest.L
 # ---- the real ccxt.binance client against the fake Binance server --------------------------------------
 
 
-@pytest.fixture
-def _localhost_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_connect = socket.socket.connect
-
-    def guarded(self: socket.socket, address: Any) -> Any:
-        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
-            raise AssertionError(f"test tried to reach {address!r}: only 127.0.0.1 is allowed")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
+@pytest.fixture(autouse=True)
+def _localhost_only(localhost_only: None) -> None:
+    """Only 127.0.0.1 (tests/conftest.py)."""
 
 
 def _real_client_env(tmp_path: Path, server: FakeBinance) -> tuple[Any, LiveBroker, StateStore, Ledger]:

@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-import os
-import random
-import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +27,6 @@ from typing import Any
 
 import pandas as pd
 import pytest
-import structlog
 import torch
 
 from bot import runner
@@ -67,30 +62,9 @@ BNB_PRICE = 600.0
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No RITMO_* from the environment; logging, signals, torch threads and `random` restored afterwards."""
-    for key in list(os.environ):
-        if key.startswith("RITMO_") or key in ("NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY"):
-            monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    threads = torch.get_num_threads()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+def _isolated(isolated_process: None) -> None:
+    """Process state isolated (tests/conftest.py)."""
     torch.set_num_threads(1)
-    # The retry jitter (bot.exchange.retry_read) draws from `random`: seeded, every run sleeps the same.
-    state = random.getstate()
-    random.seed(20241201)
-    yield
-    random.setstate(state)
-    for s, h in previous.items():
-        signal.signal(s, h)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.getLogger("apscheduler").setLevel(logging.NOTSET)
-    structlog.reset_defaults()
-    structlog.contextvars.clear_contextvars()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

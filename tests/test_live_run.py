@@ -7,8 +7,6 @@ Everything stays on 127.0.0.1: an autouse guard refuses any other socket connect
 from __future__ import annotations
 
 import json
-import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,16 +26,8 @@ CAP_QUOTE = 100.0
 
 
 @pytest.fixture(autouse=True)
-def _localhost_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Refuse every connection that is not to 127.0.0.1 / ::1 (or a Unix socket)."""
-    real_connect = socket.socket.connect
-
-    def guarded(self: socket.socket, address: Any) -> Any:
-        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
-            raise AssertionError(f"test tried to reach {address!r}: only 127.0.0.1 is allowed")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
+def _localhost_only(localhost_only: None) -> None:
+    """Only 127.0.0.1 (tests/conftest.py)."""
 
 
 def buying_checkpoint(path: Path, candles: pd.DataFrame) -> Path:
@@ -79,12 +69,10 @@ def live_env(fake: FakeBinance, state_dir: Path, checkpoint: Path, **extra: str)
 
 
 @pytest.fixture
-def run_live(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Any:
+def run_live(
+    isolated_process: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> Any:
     """Run `ritmo run --once` in-process with a live environment; returns (exit code, stdout + stderr)."""
-    monkeypatch.chdir(tmp_path)
-    for key in list(os.environ):
-        if key.startswith("RITMO_") or key == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(key)
 
     def run(env: dict[str, str], *args: str) -> tuple[int, str]:
         for key, value in env.items():
@@ -266,13 +254,10 @@ def test_keys_from_env_file_or_systemd_credentials_never_leak(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     source: str,
+    isolated_process: None,
 ) -> None:
     """The keys read from a .env file (left world-readable: warned) or from $CREDENTIALS_DIRECTORY sign orders
     and appear nowhere: not in logs, errors, `ritmo status`, the state database or the online checkpoints."""
-    monkeypatch.chdir(tmp_path)
-    for key in list(os.environ):
-        if key.startswith("RITMO_") or key == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(key)
     env = live_env(fake, tmp_path / "state", buy_ckpt)
     del env["RITMO_API_KEY"], env["RITMO_API_SECRET"]
     env_file = tmp_path / "ritmo.env"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import signal
 import socket
@@ -20,8 +19,6 @@ from typing import Any
 
 import pandas as pd
 import pytest
-import structlog
-import torch
 
 from bot import runner
 from bot.cli import main as cli_main
@@ -38,25 +35,8 @@ SECRET = "sEcReT0987654321zyxwvuTSRQPONMLKJi"
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    for key in list(os.environ):
-        if key.startswith("RITMO_"):
-            monkeypatch.delenv(key)
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    monkeypatch.chdir(tmp_path)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    threads = torch.get_num_threads()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for s, h in previous.items():
-        signal.signal(s, h)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.getLogger("apscheduler").setLevel(logging.NOTSET)
-    structlog.reset_defaults()
-    structlog.contextvars.clear_contextvars()
-    torch.set_num_threads(threads)
+def _isolated(isolated_process: None) -> None:
+    """Process state isolated (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

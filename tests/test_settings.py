@@ -174,9 +174,7 @@ def test_bad_value_names_the_setting(name: str, value: str, hint: str) -> None:
 def test_bad_value_in_file_is_reported_too(tmp_path: Path) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text("RITMO_MODE=papr\n")
-    with pytest.raises(
-        ConfigError, match=r"^RITMO_MODE='papr' is invalid: expected one of paper, live, replay$"
-    ):
+    with pytest.raises(ConfigError, match=r"^RITMO_MODE='papr' is invalid: expected one of paper, live, replay$"):
         load({}, env_file)
 
 
@@ -187,9 +185,7 @@ def test_every_setting_has_a_bad_value_case() -> None:
     assert covered == set(KNOWN_KEYS)
 
 
-@pytest.mark.parametrize(
-    ("key", "suggestion"), [("RITMO_MOD", "RITMO_MODE"), ("RITMO_APIKEY", "RITMO_API_KEY")]
-)
+@pytest.mark.parametrize(("key", "suggestion"), [("RITMO_MOD", "RITMO_MODE"), ("RITMO_APIKEY", "RITMO_API_KEY")])
 def test_unknown_key_is_rejected(key: str, suggestion: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=f"^{key} is not a known setting: did you mean {suggestion}"):
         load({key: "paper"})
