@@ -212,6 +212,9 @@ class OrderJournal(Protocol):
 class Broker(Protocol):
     """Executes a decision's target position and books it in the ledger."""
 
+    balance_check_each_tick: bool
+    """True: the daemon calls check_balances every tick, not only at start (futures: funding moves the wallet)."""
+
     def execute(
         self,
         decision: Decision,
@@ -248,6 +251,8 @@ class Broker(Protocol):
 
 class PaperBroker:
     """Simulated execution at a reference price with slippage and commission, under the market's rules."""
+
+    balance_check_each_tick = False
 
     def __init__(
         self,

@@ -41,6 +41,7 @@ import torch
 
 from bot.brokers import Broker, Decision, ExecutionResult
 from bot.checkpoints import ModelBundle
+from bot.errors import TemporaryExchangeError
 from bot.feed import Candle, CandleFeed, FeedUpdate, last_closed_open_ms
 from bot.learner import LoadedModel, OnlineLearner, UpdateOutcome
 from bot.state import KEEP_EPISODE_BLOBS, StateStore, wall_ms
@@ -256,6 +257,21 @@ class Daemon:
         self._restore()
         self._learn_pending()
 
+    def _check_balances(self, ledger: Ledger, t: int) -> None:
+        """Adopt the exchange's balances beyond dust (futures funding) before deciding; a failed read is skipped."""
+        try:
+            check = self.broker.check_balances(ledger)
+        except TemporaryExchangeError as exc:
+            # The pre-flight read of an order will meet the same outage and pause it; nothing to decide here.
+            log.warning("balance_check_failed", error=str(exc))
+            return
+        if check is None:
+            return
+        self.store.set_meta("balance_check", {**check, "checked_at_ms": wall_ms()})
+        if check.get("adjusted"):
+            self.store.add_event("ledger_adjusted", check, candle_ts_ms=t)
+            self.store.set_meta("ledger", ledger.to_dict())
+
     def _save_broker_status(self) -> None:
         status = self.broker.status()
         if status is not None:
@@ -389,6 +405,8 @@ class Daemon:
                 log.error("orders_unresolved", orders=unresolved, action="no new order until they are settled")
                 self._save_broker_status()
                 return self._record_skip(t, "order_unresolved", ledger.position, t_in, candle.close)
+        if self.broker.balance_check_each_tick:
+            self._check_balances(ledger, t)
         if store.orders_for_candle(t):
             # A previous run sent (or meant to send) an order for this candle and died before recording the
             # decision; reconciliation has booked what the exchange did. Never act on one candle twice.

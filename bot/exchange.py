@@ -604,10 +604,19 @@ def classify_order_error(exc: BaseException) -> str:
     return ORDER_AMBIGUOUS
 
 
-def create_market_order(exchange: Any, symbol: str, side: str, qty_base: float, client_id: str) -> dict[str, Any]:
+def create_market_order(
+    exchange: Any,
+    symbol: str,
+    side: str,
+    qty_base: float,
+    client_id: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Send one market order for `qty_base` (price=None, never quoteOrderQty), never retried.
 
-    Raises our mapped error with `.order_outcome` set by classify_order_error.
+    `params` go to ccxt as they are (futures: {"reduceOnly": True}). Raises our mapped error with
+    `.order_outcome` set by classify_order_error.
     """
     if side not in ("buy", "sell"):
         raise ValueError(f"side must be 'buy' or 'sell', got {side!r}")
@@ -615,7 +624,7 @@ def create_market_order(exchange: Any, symbol: str, side: str, qty_base: float, 
         raise ValueError(f"client order id {client_id!r} does not match {CLIENT_ORDER_ID_RE.pattern}")
     if not qty_base > 0:
         raise ValueError(f"qty_base must be > 0, got {qty_base}")
-    params = {_client_id_param(exchange, lookup=False): client_id}
+    params = {**(params or {}), _client_id_param(exchange, lookup=False): client_id}
     try:
         # price=None: with a price, ccxt turns a Binance spot market buy into a quote amount (quoteOrderQty).
         return exchange.create_order(symbol, "market", side, qty_base, None, params)

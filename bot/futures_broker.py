@@ -39,26 +39,27 @@ from typing import Any
 
 import structlog
 
-from bot.brokers import Decision, ExecutionResult, OrderIntent, OrderJournal, checked_ref_price, client_order_id
-from bot.errors import ConfigError, ExchangeError, OperationalExchangeError, TemporaryExchangeError
+from bot.brokers import OrderIntent
+from bot.errors import ConfigError, OperationalExchangeError
 from bot.exchange import (
-    ORDER_AMBIGUOUS,
     amount_to_precision,
-    create_market_order,
     fee_to_quote,
     fetch_balance,
     fetch_my_trades,
     min_amount,
     retry_read,
 )
-from bot.live_broker import _CAP_TOLERANCE, _FINAL_ORDER_STATUSES, DUST_QUOTE, LiveBroker
-from strategies.accounting import Fill, Ledger, Side, rebalance
+from bot.live_broker import _CAP_TOLERANCE, DUST_QUOTE, LiveBroker
+from strategies.accounting import Fill, Ledger, Side
 
 log = structlog.get_logger(__name__)
 
 # Float noise must not truncate a whole amount step away (0.013 stored as 0.012999999999999999 would close
 # only 0.012 and leave 0.001 BTC open): amounts are nudged up by this fraction before ccxt truncates them.
 _AMOUNT_NUDGE = 1e-9
+
+# Binance's "assuming price" of a short opening: the margin of a market sell is taken at last * (1 + 0.15%).
+_SHORT_MARGIN_MARKUP = 0.0015
 
 HEDGE_MODE_FIX = (
     "the Binance USD-M account is in hedge mode (dual-side positions); ritmo's orders need one-way mode. "
@@ -108,26 +109,6 @@ def wallet_balance(balance: Mapping[str, Any], asset: str) -> float:
     return 0.0  # the asset was never in this futures wallet
 
 
-class _WithOrderParams:
-    """The exchange, with `params` merged into create_order (reduceOnly).
-
-    `create_market_order` (bot.exchange) is the one send: exactly once, price=None, ccxt's errors mapped and
-    classified; it takes no extra parameters yet, so this wrapper adds them at the ccxt call.
-    """
-
-    def __init__(self, exchange: Any, params: Mapping[str, Any]) -> None:
-        self._exchange = exchange
-        self._params = dict(params)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._exchange, name)
-
-    def create_order(
-        self, symbol: str, type: str, side: str, amount: float, price: float | None = None, params: dict | None = None
-    ) -> Any:
-        return self._exchange.create_order(symbol, type, side, amount, price, {**(params or {}), **self._params})
-
-
 def _sign(x: float) -> int:
     return (x > 0) - (x < 0)
 
@@ -142,6 +123,10 @@ def only_reduces(qty_base: float, side: Side, qty: float) -> bool:
 
 class FuturesBroker(LiveBroker):
     """Executes decisions as market orders on a Binance USD-M perpetual, 1x isolated, one-way; never sends twice."""
+
+    # Funding moves the wallet every 8 hours, and a liquidation closes the position: the daemon adopts the
+    # exchange's position and wallet before every decision (two reads per 5-minute tick).
+    balance_check_each_tick = True
 
     def __init__(self, exchange: Any, *, symbol: str, position_mode: str = "long_short", **kwargs: Any) -> None:
         if ":" not in symbol:
@@ -278,98 +263,20 @@ class FuturesBroker(LiveBroker):
 
     # --- execute ---------------------------------------------------------------------------------
 
-    def execute(
-        self,
-        decision: Decision,
-        target_position: int,
-        ledger: Ledger,
-        ref_price: float,
-        journal: OrderJournal,
-        *,
-        ref_source: str = "",
-    ) -> ExecutionResult:
-        """Trade the ledger to `target_position` with one market order (reduceOnly when it only closes)."""
-        if target_position == ledger.position:
-            return ExecutionResult("none", ref_price=ref_price, ref_source=ref_source)
-        ref_price = checked_ref_price(ref_price)
-        if self.position_mode == "long_only" and target_position < 0:
-            raise ValueError("long_only: this broker does not go short")
-        if self.breaker.is_open:
-            return self._paused(decision, ref_price, ref_source, "circuit breaker open")
-        coid = client_order_id(self.symbol, decision.ts_ms, decision.order_action)
+    def _fit_to_balance(self, side: Side, qty: float, ref_price: float, ledger: Ledger) -> float:
+        """`qty` with its opening part cut to the margin at 1x (pre-flight read), truncated to the amount step."""
+        self._ensure_ready()
+        _, free, margin_balance = self._account()
+        qty = self._clamp(side, qty, ref_price, ledger.qty_base, free, margin_balance)
+        return amount_to_precision(self.exchange, self.symbol, qty * (1 + _AMOUNT_NUDGE))
 
-        # --- size (the shared accounting, as spot and paper) -------------------------------------
-        equity_ref = ledger.cash_quote + ledger.qty_base * ref_price
-        if target_position != 0 and not equity_ref > 0:
-            return self._reject(
-                journal, coid, decision, target_position, ref_price, 0.0, "buy", "equity is not positive"
-            )
-        target: float | int = target_position
-        if target_position != 0 and equity_ref > self.max_position_quote:
-            target = target_position * (self.max_position_quote / equity_ref)
-        _, _, _, traded, _ = rebalance(ledger.cash_quote, ledger.qty_base, target, ref_price, self.commission, 0.0)
-        if traded == 0:
-            ledger.position = target_position
-            return ExecutionResult("none", ref_price=ref_price, ref_source=ref_source)
-        if target_position == 0 and abs(ledger.qty_base) < self._min_qty() / 2:
-            # Smaller than any order (and any position Binance holds): the ledger is flat already.
-            log.info("dust_left", qty_base=ledger.qty_base, ref_price=ref_price, client_order_id=coid)
-            ledger.position = 0
-            return ExecutionResult("none", ref_price=ref_price, ref_source=ref_source)
-        side: Side = "buy" if traded > 0 else "sell"
+    def _order_params(self, side: Side, qty: float, ledger: Ledger) -> dict[str, Any]:
+        """reduceOnly exactly when the order only shrinks the position (never when it opens exposure)."""
+        return {"reduceOnly": True} if only_reduces(ledger.qty_base, side, qty) else {}
 
-        # --- pre-flight reads: the exchange answers; the opening part fits the margin -------------
-        try:
-            self._ensure_ready()
-            _, free, margin_balance = self._account()
-        except TemporaryExchangeError as exc:
-            return self._paused(decision, ref_price, ref_source, f"exchange unavailable: {exc}")
-        qty = self._clamp(side, abs(float(traded)), ref_price, ledger.qty_base, free, margin_balance)
-        qty = amount_to_precision(self.exchange, self.symbol, qty * (1 + _AMOUNT_NUDGE))
-        reduce_only = only_reduces(ledger.qty_base, side, qty)
-        reason = self._rules_problem(qty, ref_price, reduce_only=reduce_only)
-        if reason is not None:
-            return self._reject(journal, coid, decision, target_position, ref_price, qty, side, reason)
-        refusal = self._fat_finger(side, qty, ref_price, ledger)
-        if refusal is not None:
-            log.error(
-                "order_refused", client_order_id=coid, side=side, qty_base=qty, ref_price=ref_price, reason=refusal
-            )
-            return self._reject(journal, coid, decision, target_position, ref_price, qty, side, f"refused: {refusal}")
-
-        # --- intent durable, then sent durable, then the one send (as LiveBroker) -----------------
-        intent = OrderIntent(coid, self.symbol, decision.ts_ms, side, qty, ref_price, target_position, decision.reason)
-        journal.record_intent(intent)
-        journal.commit()
-        journal.set_order_status(coid, "sent")
-        journal.commit()
-        sent_at_ms = self._clock_ms()
-        exchange = _WithOrderParams(self.exchange, {"reduceOnly": True}) if reduce_only else self.exchange
-        try:
-            order = create_market_order(exchange, self.symbol, side, qty, coid)
-        except ExchangeError as exc:
-            return self._order_failed(exc, intent, ledger, journal, ref_source, sent_at_ms)
-        if str(order.get("status")) not in _FINAL_ORDER_STATUSES:
-            # The order exists but its fills are not known (answered NEW): find it by client id, never re-send.
-            pending = OperationalExchangeError(f"order {order.get('id')} answered {order.get('status')!r}, not final")
-            pending.order_outcome = ORDER_AMBIGUOUS  # type: ignore[attr-defined]
-            return self._order_failed(pending, intent, ledger, journal, ref_source, sent_at_ms)
-        self.breaker.record_success()
-        fills = self._book_order(order, intent, ledger)
-        log.info(
-            "order_filled",
-            client_order_id=coid,
-            side=side,
-            qty_base=sum(f.qty_base for f in fills),
-            ordered_qty_base=qty,
-            reduce_only=reduce_only,
-            fee_quote=sum(f.fee_quote for f in fills),
-            exchange_order_id=str(order.get("id")),
-        )
-        status = "filled" if fills else "rejected"
-        return ExecutionResult(
-            status, intent, tuple(fills), None if fills else "order filled nothing", ref_price, ref_source
-        )
+    def _dust_quote(self) -> float:
+        """Below half the minimum quantity a position cannot exist on Binance: that much is dust."""
+        return self._min_qty() / 2 * (self.last_close or self._ticker_last(self.symbol))
 
     def _clamp(self, side: Side, qty: float, ref_price: float, qty_base: float, free: float, margin: float) -> float:
         """`qty` with its opening part (beyond closing the position) cut to the margin available at 1x."""
@@ -379,15 +286,19 @@ class FuturesBroker(LiveBroker):
         if not opening > 0:
             return qty
         # A flip first releases the whole position: its isolated margin and PnL come back, so the margin
-        # balance is available (the account is ritmo's alone); otherwise the available balance is.
+        # balance is available (the account is ritmo's alone); otherwise the available balance is. Binance's
+        # one-way margin requirement counts the resulting position, not the order ("How to Calculate the
+        # Margin Requirement", Binance futures FAQ).
         available = (margin if closing > 0 else free) - closing * ref_price * self.commission
-        max_opening = max(0.0, available) / (ref_price * (1 + self.commission) * (1 + self.cash_buffer))
+        # Binance prices a short opening at max(last * 1.0015, mark) for its margin ("cost required to open").
+        margin_price = ref_price * (1 + _SHORT_MARGIN_MARKUP if side == "sell" else 1.0)
+        max_opening = max(0.0, available) / (margin_price * (1 + self.commission) * (1 + self.cash_buffer))
         return closing + min(opening, max_opening)
 
-    def _rules_problem(self, qty: float, price: float, *, reduce_only: bool = False) -> str | None:
+    def _rules_problem(self, qty: float, price: float, params: Mapping[str, Any] | None = None) -> str | None:
         """Why Binance would refuse this amount; a reduce-only order is exempt from the minimum notional."""
-        if not reduce_only:
-            return super()._rules_problem(qty, price)
+        if not (params or {}).get("reduceOnly"):
+            return super()._rules_problem(qty, price, params)
         if not qty > 0:
             return "amount below the amount step"
         lo = min_amount(self.exchange, self.symbol)

@@ -3,13 +3,15 @@
 Flow of one decision (`execute`, called by the daemon inside the tick's transaction):
   circuit breaker open?            -> "paused": nothing sent, nothing recorded
   size with `rebalance` (as PaperBroker), cap at MAX_POSITION_QUOTE, clamp to the free balance (pre-flight
-  read: also proves the exchange answers before anything is committed), amount_to_precision,
+  read: also proves the exchange answers before anything is committed), amount_to_precision (`_fit_to_balance`),
+  extra order parameters (`_order_params`: none on spot, reduceOnly on a futures close),
   min amount / min notional        -> "rejected" (never sent)
   fat finger (notional above the cap, reference price too far from the last close) -> "rejected" + order_refused
   record_intent + commit           (durable before anything leaves the process)
   status sent + commit             (durable just before the send: a crash now leaves `sent`, reconciled on start)
   create_market_order, exactly once, price=None
     ok        -> fills from the response (or fetch_my_trades by order id), fees to quote, Ledger.apply_fill
+    ok, but not final (a futures answer NEW) -> as ambiguous
     rejected  -> "rejected"
     ambiguous -> "unknown", then look the order up by client id (and recent trades) for a grace period:
                  found -> book its fills ("filled"); not found -> stays "unknown", NEVER re-sent here
@@ -39,8 +41,15 @@ from typing import Any, Protocol
 import structlog
 
 from bot.brokers import Decision, ExecutionResult, OrderIntent, OrderJournal, checked_ref_price, client_order_id
-from bot.errors import AuthenticationExchangeError, ConfigError, ExchangeError, TemporaryExchangeError
+from bot.errors import (
+    AuthenticationExchangeError,
+    ConfigError,
+    ExchangeError,
+    OperationalExchangeError,
+    TemporaryExchangeError,
+)
 from bot.exchange import (
+    ORDER_AMBIGUOUS,
     ORDER_AUTH,
     ORDER_REJECTED,
     CircuitBreaker,
@@ -93,6 +102,9 @@ def _base_quote(symbol: str) -> tuple[str, str]:
 
 class LiveBroker:
     """Executes decisions as market orders on a ccxt exchange; never sends an order twice."""
+
+    # Spot balances move only by ritmo's own fills (booked) or by a human (adopted at the next start).
+    balance_check_each_tick = False
 
     def __init__(
         self,
@@ -266,21 +278,14 @@ class LiveBroker:
             ledger.position = 0
             return ExecutionResult("none", ref_price=ref_price, ref_source=ref_source)
         side: Side = "buy" if traded > 0 else "sell"
-        qty = abs(float(traded))
 
         # --- pre-flight read: the exchange answers, and the order fits the free balance ------------
         try:
-            free = self._free()
+            qty = self._fit_to_balance(side, abs(float(traded)), ref_price, ledger)
         except TemporaryExchangeError as exc:
             return self._paused(decision, ref_price, ref_source, f"exchange unavailable: {exc}")
-        if side == "buy":
-            # Spot holds no negative cash: the fee (if charged in quote) and a small price move must fit.
-            cash = min(ledger.cash_quote, free.get(self.quote, 0.0))
-            qty = min(qty, max(0.0, cash) / (ref_price * (1 + self.commission) * (1 + self.cash_buffer)))
-        else:
-            qty = min(qty, max(0.0, min(ledger.qty_base, free.get(self.base, 0.0))))
-        qty = amount_to_precision(self.exchange, self.symbol, qty)
-        reason = self._rules_problem(qty, ref_price)
+        params = self._order_params(side, qty, ledger)
+        reason = self._rules_problem(qty, ref_price, params)
         if reason is not None:
             return self._reject(journal, coid, decision, target_position, ref_price, qty, side, reason)
         refusal = self._fat_finger(side, qty, ref_price, ledger)
@@ -300,9 +305,15 @@ class LiveBroker:
         journal.commit()
         sent_at_ms = self._clock_ms()
         try:
-            order = create_market_order(self.exchange, self.symbol, side, qty, coid)
+            order = create_market_order(self.exchange, self.symbol, side, qty, coid, params=params)
         except ExchangeError as exc:
             return self._order_failed(exc, intent, ledger, journal, ref_source, sent_at_ms)
+        if str(order.get("status")) not in _FINAL_ORDER_STATUSES:
+            # The order exists but its fills are not known yet (Binance futures may answer NEW): find it by
+            # client id like any ambiguous send, never re-send.
+            pending = OperationalExchangeError(f"order {order.get('id')} answered {order.get('status')!r}, not final")
+            pending.order_outcome = ORDER_AMBIGUOUS  # type: ignore[attr-defined]
+            return self._order_failed(pending, intent, ledger, journal, ref_source, sent_at_ms)
         self.breaker.record_success()
         fills = self._book_order(order, intent, ledger)
         log.info(
@@ -313,13 +324,32 @@ class LiveBroker:
             ordered_qty_base=qty,
             fee_quote=sum(f.fee_quote for f in fills),
             exchange_order_id=str(order.get("id")),
+            order_params=params or None,
         )
         status = "filled" if fills else "rejected"
         return ExecutionResult(
             status, intent, tuple(fills), None if fills else "order filled nothing", ref_price, ref_source
         )
 
-    def _rules_problem(self, qty: float, price: float) -> str | None:
+    def _fit_to_balance(self, side: Side, qty: float, ref_price: float, ledger: Ledger) -> float:
+        """`qty` cut to the free balance (a pre-flight read) and truncated to the amount step.
+
+        Spot holds no negative cash: a buy's fee (if charged in quote) and a small price move must fit the
+        free quote; a sell cannot exceed the base held. Raises TemporaryExchangeError if the read fails.
+        """
+        free = self._free()
+        if side == "buy":
+            cash = min(ledger.cash_quote, free.get(self.quote, 0.0))
+            qty = min(qty, max(0.0, cash) / (ref_price * (1 + self.commission) * (1 + self.cash_buffer)))
+        else:
+            qty = min(qty, max(0.0, min(ledger.qty_base, free.get(self.base, 0.0))))
+        return amount_to_precision(self.exchange, self.symbol, qty)
+
+    def _order_params(self, side: Side, qty: float, ledger: Ledger) -> dict[str, Any]:
+        """Extra ccxt parameters of the order (spot: none; futures: reduceOnly on a close)."""
+        return {}
+
+    def _rules_problem(self, qty: float, price: float, params: Mapping[str, Any] | None = None) -> str | None:
         """Why the exchange would refuse this amount (checked here: ccxt does not, Binance answers -1013)."""
         if not qty > 0:
             return "amount below the amount step"

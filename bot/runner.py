@@ -115,10 +115,14 @@ def resolve_settings(args: argparse.Namespace, env: dict[str, str] | None = None
         raise ConfigError("--from/--to only apply to a replay (--replay FILE)")
     if settings.mode == "live":
         validate_live(settings)
-        if settings.exchange != "binance":
+        if settings.exchange not in ("binance", "binanceusdm"):
             raise ConfigError(
-                f"RITMO_EXCHANGE={settings.exchange}: live trading runs on Binance spot (binance) only in this "
-                "version; USD-M futures (long_short) are not supported yet"
+                f"RITMO_EXCHANGE={settings.exchange}: live trading runs on Binance spot (binance, long_only) or "
+                "Binance USD-M futures (binanceusdm, 1x isolated, long_only or long_short) only"
+            )
+        if settings.exchange == "binanceusdm" and ":" not in settings.symbol:
+            raise ConfigError(
+                f"RITMO_SYMBOL={settings.symbol}: on binanceusdm a perpetual is BASE/QUOTE:SETTLE, e.g. BTC/USDT:USDT"
             )
         if args.greedy:
             raise ConfigError("--greedy is for paper and replay runs; live mode samples as it was trained")
@@ -468,12 +472,20 @@ def run_realtime(
 def live_broker_factory(
     settings: Settings, exchange: Any, clock: Any, *, env_file: str | Path | None
 ) -> Callable[[str], Broker]:
-    """A `make_broker` for build_daemon: live start checks, then a LiveBroker for the model's position mode."""
+    """A `make_broker` for build_daemon: live start checks, then the live broker for the model's position mode.
+
+    binance (spot) -> LiveBroker; binanceusdm (USD-M futures, 1x isolated set by check_live_start, one-way mode
+    checked here) -> FuturesBroker.
+    """
 
     def make(position_mode: str) -> Broker:
+        from bot.futures_broker import FuturesBroker, check_one_way_mode
         from bot.live_broker import LiveBroker, check_live_start
 
         check_live_start(settings, exchange, position_mode=position_mode, env_file=env_file, sleep=clock.sleep)
+        is_usdm = getattr(exchange, "id", settings.exchange) == "binanceusdm"
+        if is_usdm:
+            check_one_way_mode(exchange, settings.symbol, sleep=clock.sleep)
         assert settings.max_position_quote is not None  # validate_live refuses live mode without a cap
         log.warning(
             "live_trading",
@@ -483,7 +495,8 @@ def live_broker_factory(
             max_position_quote=settings.max_position_quote,
             position_mode=position_mode,
         )
-        return LiveBroker(
+        broker_class = FuturesBroker if is_usdm else LiveBroker
+        return broker_class(
             exchange,
             symbol=settings.symbol,
             max_position_quote=settings.max_position_quote,

@@ -17,9 +17,9 @@ position) and releases its share of the isolated wallet; fees leave the cross wa
 walletBalance = cross + isolated; marginBalance = walletBalance + unrealised PnL at the mark (the ticker);
 availableBalance = cross. An order is checked like Binance checks it: amount step and MARKET_LOT_SIZE
 (-1111/-4005), reduceOnly that would open or flip (-2022), minimum notional unless reduceOnly (-4164), the
-margin of the opening part plus the fee against what is available once the closing part released its
-margin (-2019), hedge mode without positionSide (-4061). A new account is cross at 20x, as Binance's default:
-ritmo's start check sets isolated and 1x explicitly.
+margin of the opening part (a short's at last * 1.0015, Binance's "assuming price") plus the fee against
+what is available once the closing part released its margin (-2019), hedge mode without positionSide
+(-4061). A new account is cross at 20x, as Binance's default: ritmo's start check sets isolated and 1x.
 
 Faults and the clock come from tests.fake_exchange.FakeExchange (fail_next, fail_after_execute, down_for,
 rate_limit_next, partial_fill_next, order_visibility_lag_ms, fills_per_order), plus `answer_new_next` (a
@@ -354,7 +354,9 @@ class FakeFutures(FakeExchange):
                     1 if self.qty > 0 else -1
                 )
             fee = qty * fill_price * _dec(self.fee_rate) if self.fee_asset == "USDT" else Decimal(0)
-            if opening * fill_price / self.leverage + fee > self.cross + released:
+            # Binance's cost to open: initial margin at the "assuming price", max(last * 1.0015, mark) for a short.
+            assumed = fill_price * Decimal("1.0015") if side == "sell" else fill_price
+            if opening * assumed / self.leverage + fee > self.cross + released:
                 raise self.binance_error(-2019, "Margin is insufficient.")
         ratio = self._partial.popleft() if self._partial else 1.0
         filled = (qty * _dec(ratio) / step).to_integral_value(rounding=ROUND_DOWN) * step if ratio < 1 else qty

@@ -234,7 +234,7 @@ def test_live_status_shows_the_breaker_and_the_balance_check(
     assert status["orders"]["by_status"] == {"filled": 1} and status["orders"]["pending"] == []
     # Someone sells half the BTC by hand: the next start adopts the exchange's balance and says so.
     btc_free, _ = fake.balance("BTC")
-    fake.set_balance("BTC", btc_free / 2)
+    fake.set_balance("BTC", round(btc_free / 2, 8))  # Binance reports balances to 8 decimals
     fake.set_balance("USDT", sum(fake.balance("USDT")) + 40.0)
     code, output = run_live(live_env(fake, tmp_path / "state", buy_ckpt))
     assert code == 0, output

@@ -160,7 +160,7 @@ def test_live_mode_refuses_other_exchanges_before_any_network(
 
     for key, value in {
         "RITMO_MODE": "live",
-        "RITMO_EXCHANGE": "binanceusdm",
+        "RITMO_EXCHANGE": "kraken",
         "RITMO_LIVE_CONFIRM": LIVE_CONFIRM_PHRASE,
         "RITMO_API_KEY": KEY,
         "RITMO_API_SECRET": SECRET,
@@ -169,7 +169,11 @@ def test_live_mode_refuses_other_exchanges_before_any_network(
         monkeypatch.setenv(key, value)
     assert cli_main(["run", "--once"]) == 78
     err = capsys.readouterr().err
-    assert "Binance spot (binance) only" in err and KEY not in err and SECRET not in err
+    assert "Binance spot (binance" in err and "binanceusdm" in err and KEY not in err and SECRET not in err
+    # binanceusdm is accepted, but a perpetual must be named with its settle currency.
+    monkeypatch.setenv("RITMO_EXCHANGE", "binanceusdm")
+    assert cli_main(["run", "--once"]) == 78
+    assert "BTC/USDT:USDT" in capsys.readouterr().err
 
 
 def test_replay_period_errors(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
