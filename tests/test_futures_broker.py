@@ -27,6 +27,7 @@ from bot.live_broker import _futures_1x_isolated
 from bot.state import StateStore, open_state
 from strategies.accounting import BUY, SELL, Ledger
 from tests.fake_futures import SYMBOL, FakeFutures, ledger_cash
+from tests.test_live_broker import execute_in_tick, reconcile
 
 PRICE = 50_000.0
 CAP = 500.0
@@ -116,21 +117,7 @@ def tick(env: Env, target: int, *, offset: int = 0, ref_price: float | None = No
     ref = env.fake.ticker_prices[SYMBOL] if ref_price is None else ref_price
     action = BUY if target > env.ledger.position else SELL
     d = Decision(SYMBOL, env.candle_ts(offset), (0.2, 0.5, 0.3), action, env.ledger.position, "v1")
-    with env.store.transaction() as store:
-        result = env.broker.execute(d, target, env.ledger, ref, store, ref_source="ticker")
-        if result.intent is not None:
-            store.set_order_status(result.intent.client_order_id, result.status, result.reject_reason)
-            for fill in result.fills:
-                store.insert_fill(result.intent.client_order_id, d.ts_ms, fill)
-    return result
-
-
-def reconcile(env: Env) -> None:
-    """What the daemon's start does: reconcile pending orders in one transaction."""
-    with env.store.transaction() as store:
-        pending = store.pending_orders()
-        if pending:
-            env.broker.reconcile(store, pending, env.ledger)
+    return execute_in_tick(env, d, target, ref)
 
 
 @pytest.fixture

@@ -109,7 +109,11 @@ def decision(ts_ms: int, action: int, position_before: int = 0, reason: str = "p
 def tick(env: Env, action: int, *, offset: int = 0, ref_price: float = PRICE) -> ExecutionResult:
     """What the daemon's tick does with a broker: execute, then record status and fills, in one transaction."""
     target = 1 if action == BUY else (0 if action == SELL else env.ledger.position)
-    d = decision(env.candle_ts(offset), action, env.ledger.position)
+    return execute_in_tick(env, decision(env.candle_ts(offset), action, env.ledger.position), target, ref_price)
+
+
+def execute_in_tick(env: Any, d: Decision, target: int, ref_price: float) -> ExecutionResult:
+    """The daemon's part around a broker: execute, then record status and fills, in one transaction."""
     with env.store.transaction() as store:
         result = env.broker.execute(d, target, env.ledger, ref_price, store, ref_source="ticker")
         if result.intent is not None:

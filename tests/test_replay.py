@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import signal
@@ -11,14 +10,12 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-import structlog
 import torch
 
 from bot.backtesting import backtest_period
@@ -34,23 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No RITMO_* from the developer's shell or .env; logging, torch threads restored after in-process runs."""
-    for key in list(os.environ):
-        if key.startswith("RITMO_"):
-            monkeypatch.delenv(key)
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    monkeypatch.chdir(tmp_path)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    threads = torch.get_num_threads()
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.getLogger("apscheduler").setLevel(logging.NOTSET)
-    structlog.reset_defaults()
-    structlog.contextvars.clear_contextvars()
-    torch.set_num_threads(threads)
+def _isolated(isolated_process: None) -> None:
+    """Process state isolated (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
