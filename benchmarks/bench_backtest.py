@@ -15,16 +15,13 @@ Steps, as `ritmo backtest --random-init` runs them:
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
-from collections.abc import Callable
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from bench_common import best_of, print_machine
 
 from bot.backtesting import backtest_period, random_bundle
 from bot.candle_files import load_candles
@@ -36,33 +33,6 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "binance_BTCUSDT_5m_2024.csv.gz"
 TARGET_S = 3.0
 SEED = 1
-
-
-def best_of(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """Best wall time (s) of `repeats` calls, and the last result."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, result
-
-
-def print_machine() -> None:
-    """Platform, CPUs, library versions and torch's thread settings."""
-    print("== machine")
-    print(f"platform   {platform.platform()}  ({platform.machine()}, {platform.processor() or 'n/a'})")
-    print(f"cpus       {os.cpu_count()}   load avg {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"python     {platform.python_version()}")
-    print("versions   " + "  ".join(f"{lib} {version(lib)}" for lib in ("numpy", "pandas", "torch")))
-    print(f"torch      threads {torch.get_num_threads()}, interop threads {torch.get_num_interop_threads()}")
-    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
-    if load > 0.75 * cpus:
-        # torch's intra-op threads wait for each other at every op: on a shared CPU they stall, not just slow down.
-        print(
-            f"NOTE       busy machine (load {load:.1f} on {cpus} cpus): multi-threaded torch figures are pessimistic; "
-            "compare --threads 1"
-        )
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import ta
+from bench_common import best_of
 
 from strategies import indicators
 from strategies.features import (
@@ -47,16 +48,6 @@ def load_candles(path: Path) -> pd.DataFrame:
     df = pd.read_csv(path).rename(columns={"timestamp": "ts_ms"})
     df["ts_ms"] = df["ts_ms"].astype("int64")
     return df.astype({c: "float64" for c in ("open", "high", "low", "close", "volume")})
-
-
-def best_of(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """Best wall time (s) of `repeats` calls, and the last result."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, result
 
 
 class Timer:

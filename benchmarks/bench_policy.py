@@ -11,13 +11,11 @@ Eval mode under `torch.no_grad()`, N = 20 features (83,811 parameters), best of 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from collections.abc import Callable
-from importlib.metadata import version
 
 import torch
+from bench_common import print_machine
 
 from strategies.policy import PolicyNet, parameter_counts, probs_for_all_positions
 
@@ -37,23 +35,6 @@ def best_per_call(fn: Callable[[], object], calls: int, repeats: int) -> float:
     return best
 
 
-def print_machine() -> None:
-    """Platform, CPUs, library versions and torch's thread settings."""
-    print("== machine")
-    print(f"platform   {platform.platform()}  ({platform.machine()}, {platform.processor() or 'n/a'})")
-    print(f"cpus       {os.cpu_count()}   load avg {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"python     {platform.python_version()}")
-    print("versions   " + "  ".join(f"{lib} {version(lib)}" for lib in ("numpy", "torch")))
-    print(f"torch      threads {torch.get_num_threads()}, interop threads {torch.get_num_interop_threads()}")
-    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
-    if load > 0.75 * cpus:
-        # torch's intra-op threads wait for each other at every op: on a shared CPU they stall, not just slow down.
-        print(
-            f"NOTE       busy machine (load {load:.1f} on {cpus} cpus): multi-threaded torch figures are pessimistic; "
-            "compare --threads 1"
-        )
-
-
 def report(label: str, per_call_s: float, rows: int) -> None:
     """One line: microseconds per call and rows per second."""
     print(f"{label:44s} {per_call_s * 1e6:10.1f} µs/call   {rows / per_call_s:12,.0f} rows/s")
@@ -67,7 +48,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3000, help="calls per run at batch 1")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print_machine()
+    print_machine(("numpy", "torch"))
 
     torch.manual_seed(0)
     model = PolicyNet(N_FEATURES).eval()
