@@ -7,6 +7,7 @@ Everything stays on 127.0.0.1: an autouse guard refuses any other socket connect
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,14 @@ def buy_ckpt(tmp_path_factory: pytest.TempPathFactory, candles_2024: pd.DataFram
 @pytest.fixture
 def fake(candles_2024: pd.DataFrame) -> Iterator[FakeBinance]:
     with FakeBinance(candles=candles_2024, hang_s=1.5) as server:
+        pin_mid_candle(server)
         yield server
+
+
+def pin_mid_candle(fake: FakeBinance) -> None:
+    """Put the server's clock 60 s after a 5-minute close: the runs of a test all see the same newest candle."""
+    now_ms = time.time_ns() // 1_000_000
+    fake.server_offset_ms = (now_ms // 300_000) * 300_000 + 60_000 - now_ms
 
 
 def live_env(fake: FakeBinance, state_dir: Path, checkpoint: Path, **extra: str) -> dict[str, str]:
@@ -205,6 +213,7 @@ def test_once_live_refuses_a_key_that_can_withdraw(
     candles_2024: pd.DataFrame, buy_ckpt: Path, tmp_path: Path, run_live: Any
 ) -> None:
     with FakeBinance(candles=candles_2024, can_withdraw=True) as fake:
+        pin_mid_candle(fake)
         code, output = run_live(live_env(fake, tmp_path / "state", buy_ckpt))
         assert code == 77, output
         assert "withdraw" in output.strip().splitlines()[-1]
