@@ -90,6 +90,22 @@ def checked_ref_price(ref_price: float) -> float:
     return price
 
 
+def capped_target(
+    ledger: Ledger, target_position: int, ref_price: float, max_position_quote: float | None
+) -> float | int | None:
+    """The target as a fraction of equity with the notional cap applied; None if a position needs equity it lacks.
+
+    Without a cap (or under it) the target is passed as is, so the sizing is bit for bit the backtest's
+    (Ledger.apply_action); above the cap the fraction shrinks to cap / equity.
+    """
+    equity_ref = ledger.cash_quote + ledger.qty_base * ref_price
+    if target_position != 0 and not equity_ref > 0:
+        return None
+    if max_position_quote is not None and target_position != 0 and equity_ref > max_position_quote:
+        return target_position * (max_position_quote / equity_ref)
+    return target_position
+
+
 @dataclass(frozen=True)
 class OrderIntent:
     """An order about to be executed, recorded before it is (crash safety for live)."""
@@ -288,14 +304,9 @@ class PaperBroker:
             return ExecutionResult("none", ref_price=ref_price, ref_source=ref_source)
         ref_price = checked_ref_price(ref_price)
         coid = client_order_id(self.symbol, decision.ts_ms, decision.order_action)
-        equity_ref = ledger.cash_quote + ledger.qty_base * ref_price
-        if target_position != 0 and not equity_ref > 0:
+        target = capped_target(ledger, target_position, ref_price, self.max_position_quote)
+        if target is None:
             return self._reject(journal, decision, target_position, ref_price, coid, 0.0, "equity is not positive")
-        # The cap scales the target fraction of equity; without a cap the target is passed as is, so the
-        # arithmetic is bit for bit the backtest's (Ledger.apply_action).
-        target: float | int = target_position
-        if self.max_position_quote is not None and target_position != 0 and equity_ref > self.max_position_quote:
-            target = target_position * (self.max_position_quote / equity_ref)
         _, _, fee_quote, traded, fill_price = rebalance(
             ledger.cash_quote, ledger.qty_base, target, ref_price, self.commission, self.slippage_bps
         )

@@ -40,7 +40,15 @@ from typing import Any, Protocol
 
 import structlog
 
-from bot.brokers import Decision, ExecutionResult, OrderIntent, OrderJournal, checked_ref_price, client_order_id
+from bot.brokers import (
+    Decision,
+    ExecutionResult,
+    OrderIntent,
+    OrderJournal,
+    capped_target,
+    checked_ref_price,
+    client_order_id,
+)
 from bot.errors import (
     AuthenticationExchangeError,
     ConfigError,
@@ -259,14 +267,11 @@ class LiveBroker:
         coid = client_order_id(self.symbol, decision.ts_ms, decision.order_action)
 
         # --- size (the shared accounting, as PaperBroker) ----------------------------------------
-        equity_ref = ledger.cash_quote + ledger.qty_base * ref_price
-        if target_position != 0 and not equity_ref > 0:
+        target = capped_target(ledger, target_position, ref_price, self.max_position_quote)
+        if target is None:
             return self._reject(
                 journal, coid, decision, target_position, ref_price, 0.0, "buy", "equity is not positive"
             )
-        target: float | int = target_position
-        if target_position != 0 and equity_ref > self.max_position_quote:
-            target = target_position * (self.max_position_quote / equity_ref)
         _, _, _, traded, _ = rebalance(ledger.cash_quote, ledger.qty_base, target, ref_price, self.commission, 0.0)
         if traded == 0:
             ledger.position = target_position
