@@ -90,6 +90,32 @@ def checked_ref_price(ref_price: float) -> float:
     return price
 
 
+def reject_before_send(
+    journal: OrderJournal,
+    symbol: str,
+    decision: Decision,
+    coid: str,
+    target_position: int,
+    ref_price: float,
+    qty: float,
+    side: Side,
+    reason: str,
+) -> ExecutionResult:
+    """Record the intent of an order refused before it was sent; `rejected` (the daemon records the status)."""
+    intent = OrderIntent(coid, symbol, decision.ts_ms, side, qty, ref_price, target_position, decision.reason)
+    journal.record_intent(intent)
+    log.warning(
+        "order_rejected",
+        client_order_id=coid,
+        side=side,
+        qty_base=qty,
+        ref_price=ref_price,
+        target_position=target_position,
+        reason=reason,
+    )
+    return ExecutionResult("rejected", intent, (), reason, ref_price)
+
+
 def capped_target(
     ledger: Ledger, target_position: int, ref_price: float, max_position_quote: float | None
 ) -> float | int | None:
@@ -306,7 +332,9 @@ class PaperBroker:
         coid = client_order_id(self.symbol, decision.ts_ms, decision.order_action)
         target = capped_target(ledger, target_position, ref_price, self.max_position_quote)
         if target is None:
-            return self._reject(journal, decision, target_position, ref_price, coid, 0.0, "equity is not positive")
+            return reject_before_send(
+                journal, self.symbol, decision, coid, target_position, ref_price, 0.0, "buy", "equity is not positive"
+            )
         _, _, fee_quote, traded, fill_price = rebalance(
             ledger.cash_quote, ledger.qty_base, target, ref_price, self.commission, self.slippage_bps
         )
@@ -320,36 +348,14 @@ class PaperBroker:
             qty = self.rules.floor_amount(qty)
             reason = self.rules.check(qty, fill_price)
             if reason is not None:
-                return self._reject(journal, decision, target_position, ref_price, coid, qty, reason, side)
+                return reject_before_send(
+                    journal, self.symbol, decision, coid, target_position, ref_price, qty, side, reason
+                )
             fee_quote = self.commission * qty * fill_price
         intent = OrderIntent(coid, self.symbol, decision.ts_ms, side, qty, ref_price, target_position, decision.reason)
         journal.record_intent(intent)
         fill = ledger.apply_fill(side, qty, fill_price, fee_quote, target_position)
         return ExecutionResult("filled", intent, (fill,), ref_price=ref_price, ref_source=ref_source)
-
-    def _reject(
-        self,
-        journal: OrderJournal,
-        decision: Decision,
-        target_position: int,
-        ref_price: float,
-        coid: str,
-        qty: float,
-        reason: str,
-        side: Side = "buy",
-    ) -> ExecutionResult:
-        intent = OrderIntent(coid, self.symbol, decision.ts_ms, side, qty, ref_price, target_position, decision.reason)
-        journal.record_intent(intent)
-        log.warning(
-            "order_rejected",
-            client_order_id=coid,
-            side=side,
-            qty_base=qty,
-            ref_price=ref_price,
-            target_position=target_position,
-            reason=reason,
-        )
-        return ExecutionResult("rejected", intent, (), reason, ref_price)
 
     def note_close(self, close: float) -> None:
         """Paper fills at the reference price it is given: nothing to anchor."""

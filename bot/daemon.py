@@ -407,12 +407,13 @@ class Daemon:
                 return self._record_skip(t, "order_unresolved", ledger.position, t_in, candle.close)
         if self.broker.balance_check_each_tick:
             self._check_balances(ledger, t)
-        if store.orders_for_candle(t):
+        already_ordered = store.orders_for_candle(t)
+        if already_ordered:
             # A previous run sent (or meant to send) an order for this candle and died before recording the
-            # decision; reconciliation has booked what the exchange did. Never act on one candle twice.
-            log.warning("candle_already_ordered", ts=iso_utc(t), orders=store.orders_for_candle(t))
+            # decision; reconciliation (at start) has booked what the exchange did and saved the ledger.
+            # Never act on one candle twice.
+            log.warning("candle_already_ordered", ts=iso_utc(t), orders=already_ordered)
             self._save_broker_status()
-            store.set_meta("ledger", ledger.to_dict())
             return self._record_skip(t, "order_recovered_after_restart", ledger.position, t_in, candle.close)
         equity_before = ledger.equity(candle.close)
         peak = equity_before if peak is None else max(float(peak), equity_before)

@@ -217,12 +217,7 @@ class FuturesBroker(LiveBroker):
         self._ensure_ready()
         qty, cash, wallet = self._exchange_ledger()
         price = self.last_close or self._ticker_last(self.symbol)
-        if abs(qty) * price > self.max_position_quote * _CAP_TOLERANCE:
-            raise ConfigError(
-                f"the account holds a {qty:g} {self.base} position (~{abs(qty) * price:.2f} {self.quote}), more "
-                f"than RITMO_MAX_POSITION_QUOTE={self.max_position_quote:g}: ritmo trades the whole position of its "
-                "account; use a dedicated sub-account, or raise the cap if this position is ritmo's"
-            )
+        self._refuse_holding_above_cap(qty, price)
         if qty < 0 and self.position_mode == "long_only":
             raise ConfigError(f"the account holds a {self.base} short but the model is long_only: close it first")
         ledger = Ledger(cash_quote=cash, qty_base=qty, position=self._position_state(qty))

@@ -48,6 +48,7 @@ from bot.brokers import (
     capped_target,
     checked_ref_price,
     client_order_id,
+    reject_before_send,
 )
 from bot.errors import (
     AuthenticationExchangeError,
@@ -183,17 +184,21 @@ class LiveBroker:
         totals = self._read(lambda: fetch_balance(self.exchange, sleep=self._sleep, rng=self._rng)).get("total") or {}
         qty, cash = float(totals.get(self.base) or 0.0), float(totals.get(self.quote) or 0.0)
         price = self.last_close or self._ticker_last(self.symbol)
-        if qty * price > self.max_position_quote * _CAP_TOLERANCE:
-            raise ConfigError(
-                f"the account holds {qty:g} {self.base} (~{qty * price:.2f} {self.quote}), more than "
-                f"RITMO_MAX_POSITION_QUOTE={self.max_position_quote:g}: ritmo trades the whole {self.base} balance "
-                "of its account; use a dedicated sub-account, or raise the cap if this holding is ritmo's"
-            )
+        self._refuse_holding_above_cap(qty, price)
         position = 1 if qty * price > self._dust_quote() else 0
         log.info(
             "ledger_opened_from_exchange", qty_base=qty, cash_quote=cash, price=price, position=position, base=self.base
         )
         return Ledger(cash_quote=cash, qty_base=qty, position=position), cash + qty * price
+
+    def _refuse_holding_above_cap(self, qty: float, price: float) -> None:
+        """ConfigError when a new state would open on a holding worth more than the cap (most likely the user's)."""
+        if abs(qty) * price > self.max_position_quote * _CAP_TOLERANCE:
+            raise ConfigError(
+                f"the account holds {qty:g} {self.base} (~{abs(qty) * price:.2f} {self.quote}), more than "
+                f"RITMO_MAX_POSITION_QUOTE={self.max_position_quote:g}: ritmo trades the whole {self.base} "
+                "holding of its account; use a dedicated sub-account, or raise the cap if this holding is ritmo's"
+            )
 
     def check_balances(self, ledger: Ledger) -> dict[str, Any] | None:
         """Compare the ledger with the exchange's balances; beyond dust the exchange wins (logged loudly)."""
@@ -269,8 +274,8 @@ class LiveBroker:
         # --- size (the shared accounting, as PaperBroker) ----------------------------------------
         target = capped_target(ledger, target_position, ref_price, self.max_position_quote)
         if target is None:
-            return self._reject(
-                journal, coid, decision, target_position, ref_price, 0.0, "buy", "equity is not positive"
+            return reject_before_send(
+                journal, self.symbol, decision, coid, target_position, ref_price, 0.0, "buy", "equity is not positive"
             )
         _, _, _, traded, _ = rebalance(ledger.cash_quote, ledger.qty_base, target, ref_price, self.commission, 0.0)
         if traded == 0:
@@ -292,13 +297,17 @@ class LiveBroker:
         params = self._order_params(side, qty, ledger)
         reason = self._rules_problem(qty, ref_price, params)
         if reason is not None:
-            return self._reject(journal, coid, decision, target_position, ref_price, qty, side, reason)
+            return reject_before_send(
+                journal, self.symbol, decision, coid, target_position, ref_price, qty, side, reason
+            )
         refusal = self._fat_finger(side, qty, ref_price, ledger)
         if refusal is not None:
             log.error(
                 "order_refused", client_order_id=coid, side=side, qty_base=qty, ref_price=ref_price, reason=refusal
             )
-            return self._reject(journal, coid, decision, target_position, ref_price, qty, side, f"refused: {refusal}")
+            return reject_before_send(
+                journal, self.symbol, decision, coid, target_position, ref_price, qty, side, f"refused: {refusal}"
+            )
 
         # --- intent durable, then sent durable, then the one send -------------------------------
         intent = OrderIntent(coid, self.symbol, decision.ts_ms, side, qty, ref_price, target_position, decision.reason)
@@ -386,31 +395,6 @@ class LiveBroker:
     def _paused(self, decision: Decision, ref_price: float, ref_source: str, why: str) -> ExecutionResult:
         log.warning("trading_paused", candle_ts_ms=decision.ts_ms, reason=why, breaker=self.breaker.state()["state"])
         return ExecutionResult("paused", None, (), why, ref_price, ref_source)
-
-    def _reject(
-        self,
-        journal: OrderJournal,
-        coid: str,
-        decision: Decision,
-        target_position: int,
-        ref_price: float,
-        qty: float,
-        side: Side,
-        reason: str,
-    ) -> ExecutionResult:
-        """Record a never-sent intent and return `rejected` (the daemon sets the status), as PaperBroker does."""
-        intent = OrderIntent(coid, self.symbol, decision.ts_ms, side, qty, ref_price, target_position, decision.reason)
-        journal.record_intent(intent)
-        log.warning(
-            "order_rejected",
-            client_order_id=coid,
-            side=side,
-            qty_base=qty,
-            ref_price=ref_price,
-            target_position=target_position,
-            reason=reason,
-        )
-        return ExecutionResult("rejected", intent, (), reason, ref_price)
 
     def _order_failed(
         self,
