@@ -7,7 +7,7 @@ import os
 import random
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +76,15 @@ def localhost_only(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_connect(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+def assert_secrets_absent(
+    secrets: Sequence[str], text: str, root: Path, skip: Callable[[Path], bool] = lambda path: False
+) -> None:
+    """None of `secrets` is in `text` (logs, errors) or in any file under `root` (state, checkpoints) but `skip`'s."""
+    for secret in secrets:
+        assert secret not in text
+    for path in root.rglob("*"):
+        if path.is_file() and not skip(path):
+            data = path.read_bytes()
+            assert not any(secret.encode() in data for secret in secrets), path

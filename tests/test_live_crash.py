@@ -28,6 +28,7 @@ import torch
 from bot.checkpoints import load_checkpoint, save_checkpoint
 from bot.settings import LIVE_CONFIRM_PHRASE
 from bot.state import open_state_readonly
+from tests.conftest import assert_secrets_absent
 from tests.fake_binance import TEST_API_KEY, TEST_API_SECRET, FakeBinance
 from tests.test_daemon import make_checkpoint
 
@@ -214,12 +215,9 @@ def test_sigkill_at_20_points_never_doubles_or_loses_an_order(tmp_path: Path, ca
     abandoned = [o for o in state["orders"] if o["status"] == "rejected"]
     # A kill between `intent` and `sent` leaves an intent that was never sent: abandoned on restart, not sent.
     assert all(o["client_order_id"] not in {x["clientOrderId"] for x in fake.orders} for o in abandoned)
-    for text in session.outputs:
-        assert TEST_API_KEY not in text and TEST_API_SECRET not in text
-    for path in tmp_path.rglob("*"):
-        if path.is_file() and path.suffix != ".pt":
-            data = path.read_bytes()
-            assert TEST_API_KEY.encode() not in data and TEST_API_SECRET.encode() not in data, path
+    assert_secrets_absent(
+        (TEST_API_KEY, TEST_API_SECRET), "\n".join(session.outputs), tmp_path, skip=lambda p: p.suffix == ".pt"
+    )
     print(
         f"crash test: {runs} runs, {len(kills)} kills, {n_orders} exchange orders, {len(abandoned)} abandoned intents"
     )

@@ -41,6 +41,7 @@ from bot.state import StateStore, open_state_readonly
 from bot.status import collect_status
 from strategies.candles import CANDLE_MS, parse_utc_date_ms
 from strategies.policy import probs_for_all_positions
+from tests.conftest import assert_secrets_absent
 from tests.fake_exchange import FakeExchange
 from tests.test_daemon import FakeClock, make_checkpoint, settings_env
 from tests.test_live_broker import KeyedFake
@@ -267,12 +268,7 @@ def assert_books(store: StateStore, fake: FakeExchange, daemon: Daemon | None = 
 
 def assert_no_secret(text: str, root: Path) -> None:
     """Neither the API key nor the secret is in `text` or in any file under `root`."""
-    for secret in (KEY, SECRET):
-        assert secret not in text
-    for path in root.rglob("*"):
-        if path.is_file():
-            data = path.read_bytes()
-            assert KEY.encode() not in data and SECRET.encode() not in data, path
+    assert_secrets_absent((KEY, SECRET), text, root)
 
 
 def check(live: Live) -> None:

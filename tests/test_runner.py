@@ -24,7 +24,7 @@ from bot import runner
 from bot.cli import main as cli_main
 from bot.settings import load_settings
 from strategies.candles import CANDLE_MS, parse_utc_date_ms
-from tests.conftest import DATA_2024
+from tests.conftest import DATA_2024, assert_secrets_absent
 from tests.fake_exchange import FakeExchange
 from tests.test_daemon import make_checkpoint, settings_env
 
@@ -367,10 +367,7 @@ def test_once_against_the_fake_exchange_logs_json_without_secrets(
         settings, once=True, greedy=False, stop=runner.StopSignal(), exchange=fake, clock=SteppingClock(fake)
     )
     assert rc == 0 and "once_nothing_to_do" in out.getvalue()
-    for path in tmp_path.rglob("*"):
-        if path.is_file():
-            data = path.read_bytes()
-            assert KEY.encode() not in data and SECRET.encode() not in data, path
+    assert_secrets_absent((KEY, SECRET), out.getvalue(), tmp_path)
 
 
 def test_replay_notifies_ready_watchdog_stopping(
