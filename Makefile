@@ -6,7 +6,7 @@ DATA ?= ../shared/data/binance_BTCUSDT_5m_2024.csv.gz
 
 DEMO_STATE ?= .demo-state
 
-.PHONY: venv demo run test test-all lint bench clean
+.PHONY: venv demo run test test-all lint bench clean evaluation evaluation-doc
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,27 @@ bench: venv
 	$(PY) benchmarks/bench_policy.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_daemon.py
+
+# Walk-forward evaluations of the shipped configurations (docs/evaluation.md): about two hours on 2 cores,
+# resumable (a finished fold/seed is kept under $(EVAL_OUT)). They re-read test folds already read once, so
+# they are not recorded in the trials registry again; then the stored reports and the page are refreshed.
+EVAL_DATA := $(foreach y,2021 2022 2023 2024,../shared/data/binance_BTCUSDT_5m_$(y).csv.gz)
+EVAL_OUT ?= out/evaluation
+EVALUATE = $(PY) -m bot evaluate --data $(EVAL_DATA) --folds 24/3/3/6 --seeds 5 --workers 2 --no-record
+
+evaluation: venv
+	$(EVALUATE) --split test --reread-test --config configs/default-long-only.json --name default-long-only \
+		--out $(EVAL_OUT)/default-long-only
+	$(EVALUATE) --split test --reread-test --config configs/default.json --name default --out $(EVAL_OUT)/default
+	$(EVALUATE) --split valid --config configs/default-long-only.json --set schedule='"symmetric"' \
+		--name lo-exp-k12-symmetric --out $(EVAL_OUT)/lo-exp-k12-symmetric
+	for n in default-long-only default lo-exp-k12-symmetric; do mkdir -p docs/evaluation/$$n; \
+		cp $(EVAL_OUT)/$$n/report.md $(EVAL_OUT)/$$n/results.json $(EVAL_OUT)/$$n/*.png docs/evaluation/$$n/; done
+	$(MAKE) evaluation-doc
+
+# docs/evaluation.md from the trials registry and the stored reports (seconds).
+evaluation-doc: venv
+	$(PY) scripts/evaluation_doc.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache $(DEMO_STATE)

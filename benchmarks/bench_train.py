@@ -24,21 +24,24 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bot.candle_files import load_candles  # noqa: E402
-from bot.training import episode_start_rows  # noqa: E402
 from strategies.candles import parse_utc_date_ms  # noqa: E402
 from strategies.features import build_observations, compute_features, fit_standardizer  # noqa: E402
 from strategies.policy import PolicyNet  # noqa: E402
-from strategies.trainer import TrainConfig, Trainer  # noqa: E402
+from strategies.trainer import (  # noqa: E402
+    TrainConfig,
+    Trainer,
+    episode_start_rows,
+)
 
 DATA = REPO.parent / "shared" / "data" / "binance_BTCUSDT_5m_2024.csv.gz"
 
 
-def make_trainer(obs, candles, starts, schedule: str, batch: int, steps: int) -> Trainer:
-    """A fresh trainer on the training period."""
+def make_trainer(obs, candles, starts, schedule: str, batch: int, steps: int, **extra) -> Trainer:
+    """A fresh trainer on the training period (extra: more TrainConfig fields, e.g. the objective)."""
     torch.manual_seed(0)
     return Trainer(
         model=PolicyNet(20),
-        cfg=TrainConfig(schedule=schedule, episodes_per_update=batch, episode_steps=steps, seed=0),
+        cfg=TrainConfig(schedule=schedule, episodes_per_update=batch, episode_steps=steps, seed=0, **extra),
         macro_x=torch.from_numpy(obs.macro),
         micro_x=torch.from_numpy(obs.micro),
         open_prices=torch.from_numpy(candles["open"].to_numpy(np.float64)),
@@ -100,6 +103,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=TrainConfig.episodes_per_update)
     parser.add_argument("--steps", type=int, default=TrainConfig.episode_steps)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--objective", default="card", help="training objective (card: the card's REINFORCE)")
+    parser.add_argument("--decide-every", type=int, default=1, help="K: candles between decisions")
+    parser.add_argument("--group-size", type=int, default=1, help="M rollouts per start (REINFORCE objectives)")
     parser.add_argument("--sb3", action="store_true", help="also measure stable-baselines3 PPO")
     parser.add_argument("--sb3-steps", type=int, default=20_480)
     args = parser.parse_args()
@@ -112,10 +118,15 @@ def main() -> None:
     feats = compute_features(candles)
     t0, t1 = np.searchsorted(ts, [parse_utc_date_ms("2024-01-01"), parse_utc_date_ms("2024-11-01")])
     obs = build_observations(feats, fit_standardizer(feats, slice(int(t0), int(t1))))
-    starts = episode_start_rows(obs, ts, parse_utc_date_ms("2024-01-01"), parse_utc_date_ms("2024-11-01"), args.steps)
-    print(f"settings   B={args.batch} episodes x L={args.steps} steps = {args.batch * args.steps:,} env steps/update")
-
-    trainers = {s: make_trainer(obs, candles, starts, s, args.batch, args.steps) for s in ("asymmetric", "symmetric")}
+    starts = episode_start_rows(ts, obs.valid, int(t0), int(t1), args.steps, args.decide_every)
+    print(
+        f"settings   objective={args.objective} K={args.decide_every} M={args.group_size}  "
+        f"B={args.batch} episodes x L={args.steps} decisions = {args.batch * args.steps:,} env steps/update"
+    )
+    extra = {"objective": args.objective, "decide_every": args.decide_every, "group_size": args.group_size}
+    trainers = {
+        s: make_trainer(obs, candles, starts, s, args.batch, args.steps, **extra) for s in ("asymmetric", "symmetric")
+    }
     for tr in trainers.values():  # warm-up: allocator, first-call overheads
         tr.update()
         tr.rhythm.k = 0
@@ -127,7 +138,7 @@ def main() -> None:
             for _ in range(11):
                 tr.update()
             cycle_s[name].append(time.perf_counter() - t)
-    print("== REINFORCE (rollout + update), one 11-update cycle = 1 MacroNet update (asymmetric)")
+    print(f"== {args.objective} (rollout + update), one 11-update cycle = 1 MacroNet update (asymmetric)")
     for name, times in cycle_s.items():
         best, mean = min(times), float(np.mean(times))
         print(

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bot.candle_files import load_candles
+from bot.candle_files import load_candle_files
 from bot.checkpoints import ModelBundle, load_checkpoint
 from bot.errors import RitmoError
 from strategies.accounting import POSITION_MODES
@@ -40,7 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="policy checkpoint (.pt)")
     src.add_argument("--random-init", action="store_true", help="a randomly initialised policy (seeded by --seed)")
-    p.add_argument("--data", type=Path, required=True, help="candle file (CSV, CSV.gz or Parquet)")
+    p.add_argument(
+        "--data", type=Path, nargs="+", required=True, help="candle file(s) of one market (CSV, CSV.gz, Parquet)"
+    )
     p.add_argument("--from", dest="date_from", required=True, help="first candle open time (UTC date/time)")
     p.add_argument("--to", dest="date_to", required=True, help="end of the period, exclusive (UTC date/time)")
     act = p.add_mutually_exclusive_group()
@@ -117,6 +119,7 @@ def backtest_period(
         greedy=greedy,
         seed=seed,
         initial_cash=initial_cash,
+        decide_every=bundle.decide_every,
     )
 
 
@@ -224,7 +227,7 @@ def main(args: argparse.Namespace) -> int:
     if to_ms <= from_ms:
         raise BacktestError("--to must be after --from")
     _validate_numbers(args)
-    candles = load_candles(args.data)
+    candles = load_candle_files(args.data)
     ts = candles["ts_ms"].to_numpy()
     i0, _ = period_rows(ts, from_ms, to_ms)
     if args.random_init:
@@ -257,7 +260,7 @@ def main(args: argparse.Namespace) -> int:
         initial_cash=args.initial_cash,
     )
     info = {
-        "data": str(args.data),
+        "data": " ".join(str(p) for p in args.data),
         "from": pd.Timestamp(from_ms, unit="ms", tz="UTC").isoformat(),
         "to": pd.Timestamp(to_ms, unit="ms", tz="UTC").isoformat(),
         "candles": len(result.positions),
@@ -268,6 +271,8 @@ def main(args: argparse.Namespace) -> int:
         "seed": None if args.greedy else args.seed,
         "model": "random-init" if args.random_init else str(args.checkpoint),
         "model_version": bundle.version(),
+        "decide_every": bundle.decide_every,
+        "objective": bundle.objective,
         "initial_cash": args.initial_cash,
     }
     if args.trades:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import itertools
 import os
 import tempfile
 import zlib
@@ -29,6 +30,7 @@ import structlog
 
 from bot.errors import CandleFileError
 from strategies.candles import (
+    CANDLE_MS,
     COLUMNS,
     MAX_EXAMPLES,
     VALUE_COLUMNS,
@@ -45,6 +47,7 @@ __all__ = [
     "FILE_COLUMNS",
     "Gap",
     "find_gaps",
+    "load_candle_files",
     "load_candles",
     "load_candles_with_gaps",
     "log_gaps",
@@ -130,6 +133,29 @@ def load_candles(path: str | os.PathLike[str], *, allow_gaps: bool = True) -> pd
         if not allow_gaps:
             raise CandleFileError(path, f"has {describe_gaps(gaps)} and gaps are not allowed here")
     return df
+
+
+def load_candle_files(paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
+    """Load several candle files of one market (e.g. one per year) as one frame in time order.
+
+    Each file is validated on its own; the files may not overlap (one error naming both); a hole between
+    two files is a gap like any other (logged, never filled).
+    """
+    if not paths:
+        raise ValueError("no candle file given")
+    frames = sorted(((load_candles(p), Path(p)) for p in paths), key=lambda fp: int(fp[0]["ts_ms"].iloc[0]))
+    for (prev, prev_path), (cur, cur_path) in itertools.pairwise(frames):
+        if int(cur["ts_ms"].iloc[0]) <= int(prev["ts_ms"].iloc[-1]):
+            raise CandleFileError(
+                cur_path, f"overlaps {prev_path} (starts {iso_utc(int(cur['ts_ms'].iloc[0]))}, "
+                f"which {prev_path.name} already covers up to {iso_utc(int(prev['ts_ms'].iloc[-1]))})"
+            )
+        hole = int(cur["ts_ms"].iloc[0]) - int(prev["ts_ms"].iloc[-1]) - CANDLE_MS
+        if hole > 0:
+            log.warning("candle_files_seam_gap", after=str(prev_path), before=str(cur_path), missing=hole // CANDLE_MS)
+    if len(frames) == 1:
+        return frames[0][0]
+    return pd.concat([f for f, _ in frames], ignore_index=True)
 
 
 def load_candles_with_gaps(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, list[Gap]]:

@@ -35,6 +35,8 @@ class ModelBundle:
     commission: float
     macro_window: int = MACRO_WINDOW
     micro_window: int = MICRO_WINDOW
+    decide_every: int = 1
+    """K: the policy decides only at closes whose 5-minute index since the epoch is divisible by K."""
     # rhythm: schedule ("asymmetric"|"symmetric"), macro_every, k (updates done), macro_updates
     rhythm: dict[str, Any] = field(
         default_factory=lambda: {"schedule": "asymmetric", "macro_every": 11, "k": 0, "macro_updates": 0}
@@ -42,6 +44,11 @@ class ModelBundle:
     optimizers: dict[str, Any] | None = None  # {"macro": state_dict, "rest": state_dict}
     train_config: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def objective(self) -> str:
+        """The training objective (strategies/objectives.py); checkpoints from before objectives are `card`."""
+        return str(self.train_config.get("objective", "card"))
 
     @property
     def n_features(self) -> int:
@@ -68,6 +75,7 @@ def bundle_to_payload(bundle: ModelBundle) -> dict[str, Any]:
         "standardizer": bundle.standardizer.to_dict(),
         "macro_window": int(bundle.macro_window),
         "micro_window": int(bundle.micro_window),
+        "decide_every": int(bundle.decide_every),
         "position_mode": bundle.position_mode,
         "commission": float(bundle.commission),
         "rhythm": _plain(bundle.rhythm),
@@ -143,6 +151,14 @@ def load_checkpoint(
     return bundle
 
 
+def _decide_every(value: Any) -> int:
+    """The stored decision interval; absent in checkpoints written before it existed (then 1)."""
+    k = int(value)
+    if k < 1:
+        raise ValueError(f"decide_every must be >= 1, got {k}")
+    return k
+
+
 def _payload_to_bundle(payload: dict[str, Any]) -> ModelBundle:
     n_features = int(payload["n_features"])
     model = PolicyNet(n_features)
@@ -162,6 +178,7 @@ def _payload_to_bundle(payload: dict[str, Any]) -> ModelBundle:
         commission=float(payload["commission"]),
         macro_window=int(payload["macro_window"]),
         micro_window=int(payload["micro_window"]),
+        decide_every=_decide_every(payload.get("decide_every", 1)),
         rhythm=dict(payload["rhythm"]),
         optimizers=payload.get("optimizers"),
         train_config=dict(payload.get("train_config") or {}),

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("bot.download", "download exchange candles into a CSV/Parquet file (resumable)"),
     "train": ("bot.training", "train a policy offline with REINFORCE and the 1:10 rhythm"),
     "backtest": ("bot.backtesting", "backtest a policy over a period, beside buy-and-hold and flat"),
+    "evaluate": ("bot.evaluate", "walk-forward evaluation of a training configuration against baselines"),
     "info": ("bot.info", "parameter counts per part, features, checkpoint metadata"),
     "run": ("bot.runner", "run the daemon: paper trading, --once, or --replay FILE"),
     "status": ("bot.status", "what the daemon's state says: position, equity, episode, rhythm, halt"),

@@ -1,20 +1,26 @@
 """The daemon's work: `Daemon.tick(now_ms)`, the same function under the scheduler, `--once` and replay.
 
-One tick acts on t = the newest candle closed at now_ms (exchange time):
+One tick acts on t = the newest candle closed at now_ms (exchange time). The checkpoint's decision interval
+K (`decide_every`, 1 for checkpoints from before it) says which ticks decide: those on a candle t with
+`is_decision_candle(t, K)` (its close instant, in 5-minute candles since the epoch, divisible by K), the rule
+of `ritmo backtest` and of training. The other ticks are `kept`: they mark equity and watch the drawdown but
+hold the position, sample nothing and add no episode step. K = 1: every tick decides, as always.
   1. feed      fetch newly closed candles into the bounded buffer; backfill holes; if candle t is still
                missing after retries the tick is `skipped` (stale_data): nothing is traded, ever, for t.
   -- one SQLite transaction from here (BEGIN IMMEDIATE; `ritmo resume` serialises with it) --
-  2. settle    the previous step's reward ln(E_{t'+1} / E_{t'}), now that candle t'+1 has closed.
+  2. settle    the previous step's reward ln(E_{t'+K} / E_{t'}), once candle t'+K has closed (t >= t'+K).
   3. episodes  a full episode (L settled steps) closes `pending` (its update runs after the commit); a break
-               in the chain of consecutive decisions (downtime, a skipped tick) truncates the open episode:
-               pending if it has >= MIN_EPISODE_STEPS settled steps, else discarded.
+               in the chain of decisions K candles apart (downtime, a skipped decision tick) truncates the
+               open episode: pending if it has >= MIN_EPISODE_STEPS settled steps, else discarded.
   4. mark      equity at t's close, peak equity, drawdown guard (a latched halt flattens and stops trading
-               and learning until `ritmo resume`).
-  5. decide    observation = pure function of the last `first_valid_row + 1` candles ending at t; eval-mode
-               probabilities (the backtest's `probs_for_all_positions`); action sampled with the uniform
-               keyed by (seed, t) or greedy; target position; MAX_POSITION_QUOTE caps the notional.
+               and learning until `ritmo resume`; on a kept tick too).
+  5. decide    (decision ticks only) observation = pure function of the last `first_valid_row + 1` candles
+               ending at t; eval-mode probabilities (the backtest's `probs_for_all_positions`); action
+               sampled with the uniform keyed by (seed, t) or greedy; target position; MAX_POSITION_QUOTE
+               caps the notional.
   6. execute   the broker records the order intent, fills it (paper) and books it in the ledger.
-  7. record    decision, order status, fill, episode step, ledger, peak, halt, last candle -> COMMIT.
+  7. record    decision, order status, fill, episode step (with the decision close and the ex-ante
+               volatility the counterfactual update needs), ledger, peak, halt, last candle -> COMMIT.
   -- after the commit --
   8. learn     a pending episode becomes one REINFORCE update; the new checkpoint is saved, then recorded
                (second transaction) and acts from the next tick.
@@ -30,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +54,7 @@ from bot.state import KEEP_EPISODE_BLOBS, StateStore, wall_ms
 from strategies.accounting import ACTION_NAMES, HOLD, Ledger, target_position
 from strategies.candles import CANDLE_MS, iso_utc
 from strategies.features import compute_features, first_valid_row
+from strategies.objectives import ex_ante_volatility, is_decision_candle
 from strategies.policy import decision_uniforms, greedy_action, probs_for_all_positions, sample_action
 
 log = structlog.get_logger(__name__)
@@ -125,7 +132,7 @@ class TickOutcome:
     """What one tick did (also the fields of the canonical `tick` log line)."""
 
     ts_ms: int
-    status: str  # acted | rejected | halted | skipped
+    status: str  # acted | rejected | halted | skipped | kept
     action: int | None
     probs: tuple[float, float, float] | None
     position_before: int
@@ -194,6 +201,7 @@ class Daemon:
         self.loaded = loaded
         self._perf = perf_counter
         self.history = history_needed(learner.bundle)
+        self.decide_every = int(learner.bundle.decide_every)
         self.mem: _Memory | None = None
 
     @property
@@ -221,6 +229,7 @@ class Daemon:
                         "position_mode": cfg.position_mode,
                         "seed": cfg.seed,
                         "episode_steps": cfg.episode_steps,
+                        "decide_every": self.decide_every,
                     }
                 )
                 store.add_event(
@@ -229,13 +238,17 @@ class Daemon:
                 )
             else:
                 self._check_compatible(meta)
-            store.set_meta(
-                "model",
+            store.set_meta_many(
                 {
-                    "version": self.loaded.version,
-                    "checkpoint_path": str(self.loaded.path),
-                    "source": self.loaded.source,
-                },
+                    "model": {
+                        "version": self.loaded.version,
+                        "checkpoint_path": str(self.loaded.path),
+                        "source": self.loaded.source,
+                        "objective": self.bundle.objective,
+                        "decide_every": self.decide_every,
+                    },
+                    "learning_guard": asdict(self.learner.guard),
+                }
             )
             store.add_event(
                 "start",
@@ -293,6 +306,15 @@ class Daemon:
         if meta.get("episode_steps") != cfg.episode_steps:
             log.warning("episode_steps_changed", old=meta.get("episode_steps"), new=cfg.episode_steps)
             store.set_meta("episode_steps", cfg.episode_steps)
+        old_k = int(meta.get("decide_every", 1))  # states from before the decision interval decided every candle
+        if old_k != self.decide_every:
+            # The open episode's steps are old_k candles apart: its chain and its settlement no longer hold.
+            log.warning("decide_every_changed", old=old_k, new=self.decide_every)
+            store.add_event("decide_every_changed", {"old": old_k, "new": self.decide_every})
+            ep = store.open_episode()
+            if ep is not None:
+                store.close_episode(int(ep["id"]), "discarded", truncated=True, reason="decide_every_changed")
+            store.set_meta("decide_every", self.decide_every)
 
     def _restore(self) -> None:
         """(Re)load the in-memory cache from the database."""
@@ -361,13 +383,19 @@ class Daemon:
         ledger = mem.ledger
         position_before = ledger.position
 
+        interval_ms = self.decide_every * CANDLE_MS
+        decides = bool(is_decision_candle(t, self.decide_every))
+
         # --- settle the previous step's reward --------------------------------------------------
         un = mem.unsettled
-        if un is not None:
+        # Between decisions the step's settling candle (t' + K) has not closed yet: it is held, not settled.
+        if un is not None and t >= un.ts_ms + interval_ms:
             nxt = self._settling_candle(un.ts_ms)
             if nxt is not None:
                 reward = math.log(ledger.equity(nxt.close) / un.equity_before)
-                store.settle_step(un.episode_id, un.step, reward)
+                store.settle_step(
+                    un.episode_id, un.step, reward, next_open=self._next_open(un.ts_ms), settle_close=nxt.close
+                )
                 if mem.episode is not None and mem.episode.id == un.episode_id:
                     mem.episode.settled += 1
                 mem.unsettled = None
@@ -377,7 +405,8 @@ class Daemon:
         if ep is not None:
             if ep.steps >= cfg.episode_steps and ep.settled >= ep.steps:
                 self._close_episode(ep, truncated=False, reason=None)
-            elif ep.last_ts_ms is not None and ep.last_ts_ms != t - CANDLE_MS:
+            elif ep.last_ts_ms is not None and ep.last_ts_ms + interval_ms < t:
+                # The decision due at last + K candles was never taken (K = 1: any candle missed).
                 why = "stale_data" if upd.is_stale else "gap"
                 self._close_episode(ep, truncated=True, reason=why)
 
@@ -435,25 +464,26 @@ class Daemon:
             self._close_episode(mem.episode, truncated=True, reason="halted", force_discard=True)
 
         # --- decide ---------------------------------------------------------------------------
-        obs = observe(buffer.window(self.history), self.bundle)
-        if obs is None:
-            log.warning("observation_unavailable", candles=len(buffer), needed=self.history)
-            return self._record_skip(t, "warmup", position_before, t_in, candle.close)
-        macro, micro = obs
-        table = probs_for_all_positions(
-            self.learner.model, torch.from_numpy(macro[None]), torch.from_numpy(micro[None])
-        )
-        probs_row = table[0, ledger.position + 1].double().numpy()
-        probs = (float(probs_row[0]), float(probs_row[1]), float(probs_row[2]))
-        if cfg.greedy:
-            action = greedy_action(probs_row)
-        else:
-            action = sample_action(probs_row, float(decision_uniforms(cfg.seed, t)))
+        macro = micro = None
+        probs: tuple[float, float, float] | None = None
+        action = HOLD
+        if decides:
+            obs = observe(buffer.window(self.history), self.bundle)
+            if obs is None:
+                log.warning("observation_unavailable", candles=len(buffer), needed=self.history)
+                return self._record_skip(t, "warmup", position_before, t_in, candle.close)
+            macro, micro = obs
+            probs, action = self._decide(t, macro, micro, ledger.position)
         if halted:
             target, reason = 0, "halt"
-        else:
+        elif decides:
             target, reason = int(target_position(action, ledger.position, cfg.position_mode)), "policy"
-        decision = Decision(cfg.symbol, t, probs, action, position_before, self.learner.version, reason)
+        else:
+            target, reason = ledger.position, "between_decisions"
+        # Between decisions nothing was evaluated: a halt's flattening order carries NaN probabilities.
+        decision = Decision(
+            cfg.symbol, t, probs or (math.nan,) * 3, action, position_before, self.learner.version, reason
+        )
 
         # --- execute --------------------------------------------------------------------------
         result = ExecutionResult("none")
@@ -474,7 +504,7 @@ class Daemon:
         elif result.status in ("rejected", "paused"):
             status = "rejected"
         else:
-            status = "acted"
+            status = "acted" if decides else "kept"
         reject_reason = result.reject_reason
         if result.status == "paused":
             reject_reason = f"paused: {result.reject_reason}"
@@ -483,12 +513,23 @@ class Daemon:
 
         # --- episode step ---------------------------------------------------------------------
         episode_id = episode_step = None
-        if not halted:
+        if not halted and macro is not None and micro is not None:
             if mem.episode is None:
                 mem.episode = _Episode(store.create_episode(t), 0, 0, None)
             ep = mem.episode
             episode_id, episode_step = ep.id, ep.steps
-            store.add_step(ep.id, ep.steps, t, macro, micro, position_before, action, equity_before)
+            store.add_step(
+                ep.id,
+                ep.steps,
+                t,
+                macro,
+                micro,
+                position_before,
+                action,
+                equity_before,
+                decision_close=candle.close,
+                volatility=self._ex_ante_volatility(),
+            )
             mem.unsettled = _Unsettled(ep.id, ep.steps, t, equity_before)
             ep.steps += 1
             ep.last_ts_ms = t
@@ -499,9 +540,9 @@ class Daemon:
                 "ts_ms": t,
                 "status": status,
                 "action": action,
-                "p_hold": probs[0],
-                "p_buy": probs[1],
-                "p_sell": probs[2],
+                "p_hold": probs[0] if probs else None,
+                "p_buy": probs[1] if probs else None,
+                "p_sell": probs[2] if probs else None,
                 "model_version": self.learner.version,
                 "position_before": position_before,
                 "target_position": target,
@@ -516,7 +557,7 @@ class Daemon:
                 "episode_step": episode_step,
                 "reason": reject_reason
                 if result.status in ("rejected", "paused", "unknown")
-                else (reason if halted else None),
+                else (reason if halted or not decides else None),
                 "latency_ms": (self._perf() - t_in) * 1e3,
             }
         )
@@ -545,24 +586,55 @@ class Daemon:
             k=mem.k,
             latency_ms=0.0,
             feed_ms=0.0,
-            reason=reject_reason,
+            reason=reject_reason or (None if decides or halted else reason),
         )
         return outcome
 
-    def _settling_candle(self, step_ts_ms: int) -> Candle | None:
-        """The candle whose close settles the step decided on step_ts_ms: normally the next one.
+    def _decide(
+        self, t: int, macro: np.ndarray, micro: np.ndarray, position: int
+    ) -> tuple[tuple[float, float, float], int]:
+        """Eval-mode probabilities for the current position state and the action drawn (or taken greedily)."""
+        table = probs_for_all_positions(
+            self.learner.model, torch.from_numpy(macro[None]), torch.from_numpy(micro[None])
+        )
+        probs_row = table[0, position + 1].double().numpy()
+        probs = (float(probs_row[0]), float(probs_row[1]), float(probs_row[2]))
+        if self.config.greedy:
+            return probs, greedy_action(probs_row)
+        return probs, sample_action(probs_row, float(decision_uniforms(self.config.seed, t)))
 
-        If the exchange never produced the next candle (an outage hole inside the buffer), the first candle
-        after the step. If the buffer no longer reaches back to the step (a downtime longer than the window,
-        after which it was refilled), None: the step cannot be settled and is left out of learning.
+    def _ex_ante_volatility(self) -> float | None:
+        """The market's ex-ante volatility per decision interval at the newest close (the checkpoint's
+        vol_window of one-candle log returns, as training computes it); None if the buffer is too short."""
+        window = int(self.learner.train_config.vol_window)
+        closes = self.feed.buffer.window(window + 1)["close"].to_numpy()
+        vol = float(ex_ante_volatility(closes, window, self.decide_every)[-1])
+        return vol if math.isfinite(vol) and vol > 0 else None
+
+    def _settling_candle(self, step_ts_ms: int) -> Candle | None:
+        """The candle whose close settles the step decided on step_ts_ms: normally candle t + K (K = 1: the next).
+
+        If the exchange never produced it (an outage hole inside the buffer), the first candle after it
+        was due. If the buffer no longer reaches back to the step (a downtime longer than the window, after
+        which it was refilled), None: the step cannot be settled and is left out of learning.
         """
         buffer = self.feed.buffer
-        row = buffer.index_of(step_ts_ms + CANDLE_MS)
+        due = step_ts_ms + self.decide_every * CANDLE_MS
+        row = buffer.index_of(due)
         if row is not None:
             return buffer.candle(row)
         if len(buffer) and int(buffer.ts_ms[0]) <= step_ts_ms:
-            return buffer.first_after(step_ts_ms)
+            return buffer.first_after(due - CANDLE_MS)
         return None
+
+    def _next_open(self, step_ts_ms: int) -> float | None:
+        """The open of the candle after the step's (a replay's and the backtest's fill price), if held."""
+        buffer = self.feed.buffer
+        row = buffer.index_of(step_ts_ms + CANDLE_MS)
+        if row is not None:
+            return buffer.candle(row).open
+        nxt = buffer.first_after(step_ts_ms) if len(buffer) and int(buffer.ts_ms[0]) <= step_ts_ms else None
+        return None if nxt is None else nxt.open
 
     def _record_skip(self, t: int, reason: str, position: int, t_in: float, close: float | None = None) -> TickOutcome:
         mem = self.mem
@@ -648,24 +720,16 @@ class Daemon:
             batch = store.episode_batch(int(ep["id"]))
             outcome = self.learner.learn(batch, mem.k, mem.macro_updates)
             learned = outcome.status == "learned"
+            # A rejected or rolled-back update leaves the episode `rejected` (its update does not apply); the
+            # updates row says which. k advances either way: the row holds k, and its seeds are spent (redoing
+            # them on the same episode would give the same update). macro_updates counts applied updates only.
             status = ("truncated_learned" if ep["truncated"] else "learned") if learned else "rejected"
             k_next = mem.k + 1
             macro_next = mem.macro_updates + int(learned and outcome.learn_macro)
             with store.transaction():
-                store.record_update(
-                    {
-                        "k": outcome.k,
-                        "episode_id": outcome.episode_id,
-                        "status": outcome.status,
-                        "parts": ",".join(outcome.parts),
-                        "steps": outcome.steps,
-                        "loss": outcome.loss if math.isfinite(outcome.loss) else None,
-                        "applied": int(outcome.applied),
-                        "checkpoint_path": outcome.checkpoint_path,
-                        "model_version": outcome.model_version,
-                        "wall_ms": outcome.wall_ms,
-                    }
-                )
+                store.record_update(_update_row(outcome))
+                if outcome.status == "rolled_back":
+                    store.add_event("update_rolled_back", _rollback_detail(outcome), mem.last_decision_ts_ms)
                 store.finish_episode(outcome.episode_id, status, outcome.k, outcome.reason)
                 store.set_meta("rhythm", {"k": k_next, "macro_updates": macro_next})
                 if learned:
@@ -673,6 +737,8 @@ class Daemon:
                         "version": outcome.model_version,
                         "checkpoint_path": outcome.checkpoint_path,
                         "source": "online",
+                        "objective": self.bundle.objective,
+                        "decide_every": self.decide_every,
                     }
                     store.set_meta("model", model)
                     mem.model = model
@@ -688,6 +754,9 @@ class Daemon:
                 parts=outcome.parts,
                 steps=outcome.steps,
                 loss=outcome.loss,
+                method=outcome.method,
+                entropy=None if outcome.after is None else round(outcome.after.entropy, 6),
+                max_trade_prob=None if outcome.after is None else round(outcome.after.max_trade_prob, 6),
                 wall_ms=round(outcome.wall_ms, 1),
                 model_version=outcome.model_version,
                 checkpoint=outcome.checkpoint_path,
@@ -747,6 +816,45 @@ class Daemon:
         act = ACTION_NAMES[o.action] if o.action is not None else "-"
         eq = f"{o.equity:.2f}" if o.equity is not None else "?"
         return f"{iso_utc(o.ts_ms)} {o.status} {act} position={o.position_after} equity={eq} k={o.k}"
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _update_row(o: UpdateOutcome) -> dict[str, Any]:
+    """The updates-table row of one online update (non-finite figures as NULL)."""
+    return {
+        "k": o.k,
+        "episode_id": o.episode_id,
+        "status": o.status,
+        "parts": ",".join(o.parts),
+        "steps": o.steps,
+        "loss": _finite_or_none(o.loss),
+        "applied": int(o.applied),
+        "checkpoint_path": o.checkpoint_path,
+        "model_version": o.model_version,
+        "wall_ms": o.wall_ms,
+        "reason": o.reason,
+        "method": o.method,
+        "entropy_before": _finite_or_none(o.before.entropy) if o.before else None,
+        "entropy_after": _finite_or_none(o.after.entropy) if o.after else None,
+        "trade_prob_before": _finite_or_none(o.before.max_trade_prob) if o.before else None,
+        "trade_prob_after": _finite_or_none(o.after.max_trade_prob) if o.after else None,
+    }
+
+
+def _rollback_detail(o: UpdateOutcome) -> dict[str, Any]:
+    """The `update_rolled_back` event's detail: which update, why, and the guard's figures."""
+    row = _update_row(o)
+    detail = {key: row[key] for key in ("k", "episode_id", "reason", "method", "loss")}
+    detail.update(
+        entropy_before=row["entropy_before"],
+        entropy_after=row["entropy_after"],
+        max_trade_prob_before=row["trade_prob_before"],
+        max_trade_prob_after=row["trade_prob_after"],
+    )
+    return detail
 
 
 def checkpoint_dir_for(state_db: Path) -> Path:

@@ -41,6 +41,8 @@ def describe(checkpoint: Path | None) -> dict[str, Any]:
         "micro_window": bundle.micro_window,
         "position_mode": bundle.position_mode,
         "commission": bundle.commission,
+        "objective": bundle.objective,
+        "decide_every": bundle.decide_every,
         "rhythm": bundle.rhythm,
         "parameters": parameter_counts(bundle.model),
         "train_config": bundle.train_config,
@@ -59,6 +61,7 @@ def main(args: argparse.Namespace) -> int:
     if info.get("model_version"):
         print(f"model version   {info['model_version']}")
         print(f"position mode   {info['position_mode']}   commission {info['commission']}")
+        print(f"objective       {info['objective']}   decide every {info['decide_every']} candle(s)")
         print(f"rhythm          {json.dumps(info['rhythm'])}")
     print(f"windows         macro {info['macro_window']} candles, micro {info['micro_window']} candles")
     print(f"features (N={info['n_features']})  {', '.join(info['features'])}")

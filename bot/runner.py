@@ -44,7 +44,7 @@ from bot import notify
 from bot.brokers import TICK_SIZE, Broker, MarketRules, PaperBroker
 from bot.errors import AuthenticationExchangeError, ConfigError, RitmoError
 from bot.feed import CandleFeed, ExchangeClock, ExchangeMarketData, MarketData, ReplayMarketData, SimClock
-from bot.learner import OnlineLearner, load_model
+from bot.learner import LearningGuard, OnlineLearner, load_model
 from bot.logs import configure_logging
 from bot.settings import Settings, load_settings, state_db_path, validate_live
 from bot.state import StateStore, open_state
@@ -179,6 +179,8 @@ def build_daemon(
             path=str(loaded.path),
             model_version=loaded.version,
             position_mode=loaded.bundle.position_mode,
+            objective=loaded.bundle.objective,
+            decide_every=loaded.bundle.decide_every,
         )
         learner = OnlineLearner(
             loaded.bundle,
@@ -188,6 +190,9 @@ def build_daemon(
             keep=settings.keep_checkpoints,
             optimizer_state=optim,
             learning=settings.online_learning,
+            guard=LearningGuard(settings.guard_min_entropy, settings.guard_min_trade_prob),
+            commission=settings.commission,
+            slippage_bps=settings.slippage_bps,
         )
         config = DaemonConfig.from_settings(settings, loaded.bundle.position_mode, greedy=greedy)
         feed = CandleFeed(

@@ -98,13 +98,18 @@ class Settings:
     online_learning: bool = True
     """Learn from closed episodes while trading; false freezes the model."""
     episode_steps: int = 288
-    """Decisions per online episode (288 = one day of 5-minute candles)."""
+    """Decisions per online episode (288 = one day at the card's decision every 5-minute candle; a checkpoint
+    deciding every K candles makes an episode K times longer in time)."""
     min_episode_steps: int = 48
     """Minimum steps of an episode truncated by downtime for it to be learned from."""
     macro_every: int = 11
     """Update the macro network once every this many updates (the 1:10 rhythm)."""
     keep_checkpoints: int = 5
     """Online checkpoint versions kept on disk."""
+    guard_min_entropy: float = 0.05
+    """Learning guard: an online update that takes the policy's mean entropy (nats) under this is rolled back."""
+    guard_min_trade_prob: float = 0.001
+    """Learning guard: ... or its largest probability of changing the position under this (0 turns a floor off)."""
     seed: int = 0
     """Seed of the decision sampler and the learner."""
     tick_delay_s: int = 5
@@ -372,6 +377,9 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "min_episode_steps": _parse_int(1),
     "macro_every": _parse_int(1),
     "keep_checkpoints": _parse_int(1),
+    # A policy's entropy over 3 actions is at most ln 3: a floor at or above it would roll back every update.
+    "guard_min_entropy": _parse_float(0.0, math.log(3), hi_open=True),
+    "guard_min_trade_prob": _parse_float(0.0, 1.0, hi_open=True),
     # numpy's generators reject negative seeds.
     "seed": _parse_int(0),
     "tick_delay_s": _parse_int(0, 240),

@@ -4,15 +4,22 @@ Tables (schema version in `PRAGMA user_version`; a database newer than this code
   meta           key -> JSON value: ledger, peak equity, halt, rhythm (k, macro updates), model (version,
                  checkpoint path), last candle seen (ts, close), seed, mode/symbol/position mode, settings
                  that must not change under a running state (episode steps), replay parameters.
-  decisions      one row per candle decided on (ts_ms PK: a replayed tick cannot act twice): status
-                 acted|rejected|halted|skipped, probabilities, action, model version, position and equity
-                 before/after, close, fill price, fee, episode step, latency.
+  decisions      one row per candle ticked on (ts_ms PK: a replayed tick cannot act twice): status
+                 acted|rejected|halted|skipped|kept (kept: a candle between two decisions of a checkpoint
+                 with decide_every K > 1: equity marked, position held, no probabilities), probabilities,
+                 action, model version, position and equity before/after, close, fill price, fee, episode
+                 step, latency.
   orders         client_order_id PK, status intent|sent|filled|rejected|unknown (live reconciles on start).
   fills          one row per fill: price, qty, fee (quote), side, position after.
-  episodes       id, status open|pending|learned|truncated_learned|discarded|rejected|frozen, steps, k.
+  episodes       id, status open|pending|learned|truncated_learned|discarded|rejected|frozen, steps, k
+                 (rejected: its update did not apply, either rejected or rolled back by the learning guard).
   episode_steps  (episode_id, step): observation blobs (float32 macro + micro), position, action, equity
-                 before the step's fill, reward (NULL until candle t+1 closes).
-  updates        k PK: one row per online update (parts, loss, applied, checkpoint path, model version).
+                 before the step's fill, reward (NULL until candle t+K closes); since v3 also the prices the
+                 counterfactual online update replays: the decision candle's close, the next candle's open,
+                 the settling close (candle t+K) and the ex-ante volatility at the decision (NULL in older rows).
+  updates        k PK: one row per online update: status learned|rejected|rolled_back (v3), parts, loss,
+                 applied, checkpoint path, model version; since v3 the reason, the update's method (card,
+                 group, card_fallback) and the learning guard's figures before and after it.
   events         start, stop, halt, resume, gaps, checkpoint fallbacks: what an operator wants to read back.
 
 Durability: every write of a tick happens inside one `BEGIN IMMEDIATE ... COMMIT`. In WAL mode a
@@ -45,7 +52,7 @@ from bot.brokers import OrderIntent
 from bot.errors import RitmoError
 from strategies.accounting import Fill
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (
@@ -159,10 +166,73 @@ CREATE TABLE events (
 );
 """
 
+# v3: the decision interval (decisions status `kept`), the counterfactual online update (the prices of each
+# step) and the learning guard (updates status `rolled_back`, its figures). SQLite cannot change a CHECK
+# constraint in place, so decisions and updates are rebuilt; no foreign key points at either of them.
+_MIGRATION_V3 = """
+CREATE TABLE decisions_v3 (
+    ts_ms INTEGER PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('acted', 'rejected', 'halted', 'skipped', 'kept')),
+    action INTEGER CHECK (action IN (0, 1, 2)),
+    p_hold REAL, p_buy REAL, p_sell REAL,
+    model_version TEXT,
+    position_before INTEGER NOT NULL,
+    target_position INTEGER,
+    position_after INTEGER NOT NULL,
+    close REAL,
+    fill_price REAL,
+    qty_base REAL NOT NULL DEFAULT 0,
+    fee_quote REAL NOT NULL DEFAULT 0,
+    equity_before REAL,
+    equity_after REAL,
+    episode_id INTEGER,
+    episode_step INTEGER,
+    reason TEXT,
+    latency_ms REAL,
+    created_at_ms INTEGER NOT NULL
+);
+INSERT INTO decisions_v3 SELECT ts_ms, status, action, p_hold, p_buy, p_sell, model_version, position_before,
+    target_position, position_after, close, fill_price, qty_base, fee_quote, equity_before, equity_after,
+    episode_id, episode_step, reason, latency_ms, created_at_ms FROM decisions;
+DROP TABLE decisions;
+ALTER TABLE decisions_v3 RENAME TO decisions;
+
+CREATE TABLE updates_v3 (
+    k INTEGER PRIMARY KEY,
+    episode_id INTEGER NOT NULL REFERENCES episodes (id),
+    status TEXT NOT NULL CHECK (status IN ('learned', 'rejected', 'rolled_back')),
+    parts TEXT NOT NULL,
+    steps INTEGER NOT NULL,
+    loss REAL,
+    applied INTEGER NOT NULL,
+    checkpoint_path TEXT,
+    model_version TEXT,
+    wall_ms REAL,
+    created_at_ms INTEGER NOT NULL,
+    reason TEXT,
+    method TEXT,
+    entropy_before REAL,
+    entropy_after REAL,
+    trade_prob_before REAL,
+    trade_prob_after REAL
+);
+INSERT INTO updates_v3 (k, episode_id, status, parts, steps, loss, applied, checkpoint_path, model_version,
+    wall_ms, created_at_ms) SELECT k, episode_id, status, parts, steps, loss, applied, checkpoint_path,
+    model_version, wall_ms, created_at_ms FROM updates;
+DROP TABLE updates;
+ALTER TABLE updates_v3 RENAME TO updates;
+
+ALTER TABLE episode_steps ADD COLUMN decision_close REAL;
+ALTER TABLE episode_steps ADD COLUMN next_open REAL;
+ALTER TABLE episode_steps ADD COLUMN settle_close REAL;
+ALTER TABLE episode_steps ADD COLUMN volatility REAL
+"""
+
 # version reached -> SQL that upgrades from the previous version (a new database gets v1, then each of these).
 MIGRATIONS: dict[int, str] = {
     # Live crash recovery asks, every tick, whether the candle already has an order.
     2: "CREATE INDEX orders_decision ON orders (decision_ts_ms)",
+    3: _MIGRATION_V3,
 }
 
 # Blobs of episodes older than this many episodes are dropped once learned: they are only needed for
@@ -190,6 +260,25 @@ class EpisodeBatch:
     positions: np.ndarray  # (L,) float32
     actions: np.ndarray  # (L,) int64
     rewards: np.ndarray  # (L,) float64
+    # The prices the counterfactual update replays, (L,) float64 each, NaN in steps stored before schema v3
+    # (None when not loaded): the decision candle's close, the next candle's open (the replay/backtest fill),
+    # the settling close (candle t+K) and the market's ex-ante volatility per decision interval.
+    decision_close: np.ndarray | None = None
+    next_open: np.ndarray | None = None
+    settle_close: np.ndarray | None = None
+    volatility: np.ndarray | None = None
+
+    def has_prices(self) -> bool:
+        """Whether every step carries finite, positive decision close, next open and settling close."""
+        cols = (self.decision_close, self.next_open, self.settle_close)
+        if any(c is None or c.shape != self.actions.shape for c in cols):
+            return False
+        return all(bool(np.isfinite(c).all() and (c > 0).all()) for c in cols)  # type: ignore[union-attr]
+
+    def has_volatility(self) -> bool:
+        """Whether every step carries a finite, positive ex-ante volatility."""
+        v = self.volatility
+        return v is not None and v.shape == self.actions.shape and bool(np.isfinite(v).all() and (v > 0).all())
 
 
 class StateStore:
@@ -386,11 +475,14 @@ class StateStore:
         position: int,
         action: int,
         equity_before: float,
+        *,
+        decision_close: float | None = None,
+        volatility: float | None = None,
     ) -> None:
         """Append a decision step (reward still unknown) to an episode."""
         self.conn.execute(
-            "INSERT INTO episode_steps (episode_id, step, ts_ms, macro, micro, position, action, equity_before)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO episode_steps (episode_id, step, ts_ms, macro, micro, position, action, equity_before,"
+            " decision_close, volatility) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 episode_id,
                 step,
@@ -400,6 +492,8 @@ class StateStore:
                 position,
                 action,
                 equity_before,
+                _real(decision_close),
+                _real(volatility),
             ),
         )
         self.conn.execute(
@@ -407,11 +501,20 @@ class StateStore:
             (ts_ms, episode_id),
         )
 
-    def settle_step(self, episode_id: int, step: int, reward: float) -> None:
-        """Set a step's reward once the candle after it has closed."""
+    def settle_step(
+        self,
+        episode_id: int,
+        step: int,
+        reward: float,
+        *,
+        next_open: float | None = None,
+        settle_close: float | None = None,
+    ) -> None:
+        """Set a step's reward (and the prices it was settled with) once its settling candle has closed."""
         cur = self.conn.execute(
-            "UPDATE episode_steps SET reward = ? WHERE episode_id = ? AND step = ? AND reward IS NULL",
-            (reward, episode_id, step),
+            "UPDATE episode_steps SET reward = ?, next_open = ?, settle_close = ?"
+            " WHERE episode_id = ? AND step = ? AND reward IS NULL",
+            (reward, _real(next_open), _real(settle_close), episode_id, step),
         )
         if cur.rowcount == 1:
             self.conn.execute("UPDATE episodes SET settled = settled + 1 WHERE id = ?", (episode_id,))
@@ -444,8 +547,8 @@ class StateStore:
     def episode_batch(self, episode_id: int) -> EpisodeBatch:
         """The settled steps of an episode in step order (unsettled trailing steps are left out)."""
         rows = self.conn.execute(
-            "SELECT ts_ms, macro, micro, position, action, reward FROM episode_steps"
-            " WHERE episode_id = ? AND reward IS NOT NULL ORDER BY step",
+            "SELECT ts_ms, macro, micro, position, action, reward, decision_close, next_open, settle_close,"
+            " volatility FROM episode_steps WHERE episode_id = ? AND reward IS NOT NULL ORDER BY step",
             (episode_id,),
         ).fetchall()
         if rows and any(r[1] is None for r in rows):
@@ -458,6 +561,10 @@ class StateStore:
             positions=np.array([r[3] for r in rows], dtype=np.float32),
             actions=np.array([r[4] for r in rows], dtype=np.int64),
             rewards=np.array([r[5] for r in rows], dtype=np.float64),
+            decision_close=_column(rows, 6),
+            next_open=_column(rows, 7),
+            settle_close=_column(rows, 8),
+            volatility=_column(rows, 9),
         )
 
     def prune_episode_blobs(self, keep_after_episode_id: int) -> None:
@@ -486,6 +593,10 @@ class StateStore:
             )
         ]
 
+    def last_update(self) -> dict[str, Any] | None:
+        """The newest online update row, or None."""
+        return self._one("SELECT * FROM updates ORDER BY k DESC LIMIT 1")
+
     def update_count(self, status: str | None = None) -> int:
         """Number of online updates (of one status)."""
         if status is None:
@@ -500,6 +611,16 @@ class StateStore:
             "INSERT INTO events (at_ms, candle_ts_ms, kind, detail) VALUES (?, ?, ?, ?)",
             (wall_ms(), candle_ts_ms, kind, json.dumps(detail or {}, default=str)),
         )
+
+    def last_event(self, kind: str) -> dict[str, Any] | None:
+        """The newest event of one kind, or None."""
+        row = self.conn.execute(
+            "SELECT id, at_ms, candle_ts_ms, kind, detail FROM events WHERE kind = ? ORDER BY id DESC LIMIT 1",
+            (kind,),
+        ).fetchone()
+        if row is None:
+            return None
+        return {"id": row[0], "at_ms": row[1], "candle_ts_ms": row[2], "kind": row[3], "detail": json.loads(row[4])}
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         """Events, oldest first (of one kind)."""
@@ -520,6 +641,19 @@ class StateStore:
         cur = self.conn.execute(sql, args)
         row = cur.fetchone()
         return None if row is None else dict(zip([d[0] for d in cur.description], row, strict=True))
+
+
+def _real(value: float | None) -> float | None:
+    """A REAL column's value: None for a missing or non-finite number (SQLite has no NaN)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def _column(rows: list[Any], i: int) -> np.ndarray:
+    """Column i of the rows as float64, NaN where NULL."""
+    return np.array([np.nan if r[i] is None else r[i] for r in rows], dtype=np.float64)
 
 
 def _connect(path: Path, *, durable: bool, readonly: bool = False) -> sqlite3.Connection:

@@ -125,10 +125,13 @@ def collect_status(store: StateStore) -> dict[str, Any]:
         },
         "rhythm": {"k": rhythm.get("k"), "macro_updates": rhythm.get("macro_updates")},
         "updates": {"learned": store.update_count("learned"), "rejected": store.update_count("rejected")},
+        "learning_guard": _guard_status(store, meta.get("learning_guard") or {}),
         "model": {
             "version": model.get("version"),
             "checkpoint_path": model.get("checkpoint_path"),
             "source": model.get("source"),
+            "objective": model.get("objective"),
+            "decide_every": meta.get("decide_every", 1),
         },
         "halt": {
             "halted": bool(halt.get("halted")),
@@ -146,6 +149,38 @@ def collect_status(store: StateStore) -> dict[str, Any]:
                 for o in store.pending_orders()
             ],
         },
+    }
+
+
+def _guard_status(store: StateStore, floors: dict[str, Any]) -> dict[str, Any]:
+    """The learning guard: its floors, how many updates it rolled back, the last rollback, the newest figures."""
+    event = store.last_event("update_rolled_back")
+    last_rollback = None
+    if event is not None:
+        detail = event["detail"]
+        last_rollback = {
+            "k": detail.get("k"),
+            "episode_id": detail.get("episode_id"),
+            "reason": detail.get("reason"),
+            "at": iso_utc(event["at_ms"]),
+            "candle": iso_utc(event["candle_ts_ms"]) if event["candle_ts_ms"] is not None else None,
+        }
+    row = store.last_update()
+    last_update = None
+    if row is not None:
+        last_update = {
+            "k": row["k"],
+            "status": row["status"],
+            "method": row["method"],
+            "entropy_after": row["entropy_after"],
+            "max_trade_prob_after": row["trade_prob_after"],
+        }
+    return {
+        "min_entropy": floors.get("min_entropy"),
+        "min_trade_prob": floors.get("min_trade_prob"),
+        "rolled_back": store.update_count("rolled_back"),
+        "last_rollback": last_rollback,
+        "last_update": last_update,
     }
 
 
@@ -182,11 +217,16 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"last decision {last['ts']} {last['status']} {last['action'] or '-'}{p}")
     ep = s["episode"]
     closed = ", ".join(f"{k} {v}" for k, v in ep["counts"].items())
+    guard = s["learning_guard"]
+    m = s["model"]
     lines += [
-        f"episode      {ep['id'] or '-'}: step {ep['step']}/{ep['steps']}  ({closed or 'none yet'})",
+        f"episode      {ep['id'] or '-'}: step {ep['step']}/{ep['steps']} decisions  ({closed or 'none yet'})",
         f"rhythm       k={s['rhythm']['k']}  macro updates {s['rhythm']['macro_updates']}  "
-        f"(online updates learned {s['updates']['learned']}, rejected {s['updates']['rejected']})",
-        f"model        {s['model']['version']}  {s['model']['checkpoint_path']} ({s['model']['source']})",
+        f"(online updates learned {s['updates']['learned']}, rejected {s['updates']['rejected']}, "
+        f"rolled back {guard['rolled_back']})",
+        f"model        {m['version']}  {m['checkpoint_path']} ({m['source']})  "
+        f"objective {m['objective'] or 'card'}, decides every {m['decide_every']} candle(s)",
+        f"guard        {_format_guard(guard)}",
         "halt         "
         + (
             f"HALTED since {s['halt']['since']}: {s['halt']['reason']} (ritmo resume clears it)"
@@ -221,6 +261,26 @@ def format_status(s: dict[str, Any]) -> str:
             f"order        {o['client_order_id']} {o['side']} {o['qty_base']} {o['status']}: {o['detail'] or ''}"
         )
     return "\n".join(lines)
+
+
+def _format_guard(g: dict[str, Any]) -> str:
+    """The learning guard's line: floors, the newest update's figures, the last rollback."""
+    floors = "floors not recorded yet (written at the daemon's next start)"
+    if g["min_entropy"] is not None:
+        floors = f"floors entropy {g['min_entropy']} nats, p(trade) {g['min_trade_prob']}"
+    last = g["last_update"]
+    figures = ""
+    if last and last["entropy_after"] is not None and last["max_trade_prob_after"] is not None:
+        figures = (
+            f"; update k={last['k']} ({last['status']}): entropy {last['entropy_after']:.4g} nats, "
+            f"max p(trade) {last['max_trade_prob_after']:.4g}"
+        )
+    rb = g["last_rollback"]
+    rollback = "; no rollback"
+    if rb:
+        candle = f" (candle {rb['candle']})" if rb["candle"] else ""
+        rollback = f"; last rollback k={rb['k']} at {rb['at']}{candle}: {rb['reason']}"
+    return floors + figures + rollback
 
 
 def resume(path: Path) -> dict[str, Any]:

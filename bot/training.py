@@ -22,7 +22,7 @@ import structlog
 import torch
 
 from bot.backtesting import backtest_period
-from bot.candle_files import load_candles
+from bot.candle_files import load_candle_files
 from bot.checkpoints import ModelBundle, load_checkpoint, save_checkpoint
 from bot.errors import RitmoError
 from strategies.accounting import POSITION_MODES
@@ -37,8 +37,9 @@ from strategies.features import (
     default_feature_spec,
     fit_standardizer,
 )
+from strategies.objectives import OBJECTIVES
 from strategies.policy import PolicyNet
-from strategies.trainer import SCHEDULES, START_POSITIONS, RhythmState, TrainConfig, Trainer
+from strategies.trainer import SCHEDULES, START_POSITIONS, RhythmState, TrainConfig, Trainer, episode_start_rows
 
 log = structlog.get_logger("ritmo.train")
 
@@ -53,7 +54,9 @@ class TrainError(RitmoError):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `ritmo train`."""
     d = TrainConfig()
-    p.add_argument("--data", type=Path, required=True, help="candle file (CSV, CSV.gz or Parquet)")
+    p.add_argument(
+        "--data", type=Path, nargs="+", required=True, help="candle file(s) of one market (CSV, CSV.gz, Parquet)"
+    )
     p.add_argument("--train-from", required=True, help="training period start (UTC)")
     p.add_argument("--train-to", required=True, help="training period end, exclusive (UTC)")
     p.add_argument("--valid-from", required=True, help="validation period start (UTC)")
@@ -77,6 +80,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.start_position,
         help="training episodes start flat (the card) or holding a random position (exploring starts)",
     )
+    p.add_argument("--objective", choices=OBJECTIVES, default=d.objective, help="see strategies/objectives.py")
+    p.add_argument("--decide-every", type=int, default=d.decide_every, help="K: decide every K candles")
+    p.add_argument("--group-size", type=int, default=d.group_size, help="M rollouts per start (leave-one-out)")
+    p.add_argument("--vol-window", type=int, default=d.vol_window, help="candles of the ex-ante volatility")
+    p.add_argument("--vol-target", type=float, default=d.vol_target, help="vol_scaled: target volatility")
+    p.add_argument("--dsr-eta", type=float, default=d.dsr_eta, help="dsr: moment adaptation rate")
+    p.add_argument(
+        "--cost-curriculum-updates", type=int, default=d.cost_curriculum_updates, help="ramp the commission from 0"
+    )
+    p.add_argument("--entropy-coef-end", type=float, default=d.entropy_coef_end, help="entropy bonus at the end")
+    p.add_argument("--trade-floor", type=float, default=d.trade_floor, help="min p(change position) exploring")
+    p.add_argument("--trade-floor-coef", type=float, default=d.trade_floor_coef, help="weight of the floor")
+    p.add_argument("--explore-updates", type=int, default=d.explore_updates, help="length of the schedules")
     p.add_argument("--validate-every", type=int, default=100, help="V: updates between validation backtests")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -90,20 +106,6 @@ def _date(label: str, value: str) -> int:
         return parse_utc_date_ms(value)
     except ValueError as exc:
         raise TrainError(f"{label}: {exc}") from None
-
-
-def episode_start_rows(obs: Observations, ts_ms: np.ndarray, from_ms: int, to_ms: int, steps: int) -> np.ndarray:
-    """Decision rows s where an episode of `steps` decisions fits: fills and marks at rows s+1 .. s+steps inside
-    [from, to), and valid observations at rows s .. s+steps-1."""
-    i0, i1 = period_rows(ts_ms, from_ms, to_ms)
-    lo, hi = max(i0 - 1, 0), i1 - 1 - steps  # s+1 >= i0 and s+steps <= i1-1
-    if hi < lo:
-        return np.empty(0, dtype=np.int64)
-    valid = obs.valid.astype(np.int64)
-    csum = np.concatenate([[0], np.cumsum(valid)])
-    starts = np.arange(lo, hi + 1)
-    all_valid = (csum[starts + steps] - csum[starts]) == steps
-    return starts[all_valid]
 
 
 def _finite_mean(values: list[float]) -> float | None:
@@ -152,31 +154,24 @@ def _code_version() -> str:
         return "unknown"
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run `ritmo train`."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = TrainConfig(
-        updates=args.updates,
-        episodes_per_update=args.episodes_per_update,
-        episode_steps=args.episode_steps,
-        schedule=args.schedule,
-        macro_every=args.macro_every,
-        lr_macro=args.lr_macro,
-        lr_rest=args.lr_rest,
-        gamma=args.gamma,
-        entropy_coef=args.entropy_coef,
-        grad_clip=args.grad_clip,
-        position_mode=args.position_mode,
-        commission=args.commission,
-        slippage_bps=args.slippage_bps,
-        seed=args.seed,
-        start_position=args.start_position,
-    )
+TRAIN_FIELDS = [f for f in TrainConfig.__dataclass_fields__]
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig the command line asks for (every TrainConfig field has an option of the same name)."""
+    cfg = TrainConfig(**{name: getattr(args, name) for name in TRAIN_FIELDS})
     try:
         cfg.validate()
     except ValueError as exc:
         raise TrainError(str(exc)) from None
+    return cfg
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `ritmo train`."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = config_from_args(args)
     if args.validate_every < 1:
         raise TrainError("--validate-every must be >= 1")
     train_from, train_to = _date("--train-from", args.train_from), _date("--train-to", args.train_to)
@@ -185,27 +180,63 @@ def main(args: argparse.Namespace) -> int:
         raise TrainError("each period must end after it starts")
     if valid_from < train_to:
         raise TrainError("the validation period must start at or after the end of the training period")
-
-    candles = load_candles(args.data)
-    ts = candles["ts_ms"].to_numpy()
+    candles = load_candle_files(args.data)
     spec = default_feature_spec()
     features = compute_features(candles, spec)
-    t0, t1 = period_rows(ts, train_from, train_to)
-    if t1 - t0 < 2:
-        raise TrainError("the training period holds no candles of the data file")
-
     resume_bundle = None
     if args.resume:
         resume_bundle = load_checkpoint(
             args.resume, expect_spec=spec, expect_mode=cfg.position_mode, expect_windows=(MACRO_WINDOW, MICRO_WINDOW)
         )
+    summary = fit(
+        cfg,
+        candles,
+        features,
+        (train_from, train_to),
+        (valid_from, valid_to),
+        out=args.out,
+        validate_every=args.validate_every,
+        data_label=" ".join(str(p) for p in args.data),
+        resume_bundle=resume_bundle,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+def fit(
+    cfg: TrainConfig,
+    candles: pd.DataFrame,
+    features: np.ndarray,
+    train_period: tuple[int, int],
+    valid_period: tuple[int, int],
+    *,
+    out: Path,
+    validate_every: int,
+    data_label: str,
+    resume_bundle: ModelBundle | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train on candles in train_period, validate every `validate_every` updates; write NAME.pt, NAME.best.pt and
+    NAME.metrics.jsonl beside `out`; return the run's summary. features (n, N) are compute_features(candles)."""
+    train_from, train_to = train_period
+    valid_from, valid_to = valid_period
+    ts = candles["ts_ms"].to_numpy()
+    spec = default_feature_spec()
+    t0, t1 = period_rows(ts, train_from, train_to)
+    if t1 - t0 < 2:
+        raise TrainError("the training period holds no candles of the data file")
+    if resume_bundle is not None:
         standardizer = resume_bundle.standardizer
     else:
         standardizer = fit_standardizer(features, slice(t0, t1))
     obs = build_observations(features, standardizer, MACRO_WINDOW, MICRO_WINDOW)
-    starts = episode_start_rows(obs, ts, train_from, train_to, cfg.episode_steps)
+    starts = episode_start_rows(ts, obs.valid, t0, t1, cfg.episode_steps, cfg.decide_every)
     if starts.size == 0:
-        raise TrainError("no episode fits in the training period after the feature warm-up")
+        raise TrainError(
+            "no episode fits in the training period after the feature warm-up "
+            f"({cfg.episode_steps} decisions x {cfg.decide_every} candles, without crossing a gap)"
+        )
 
     torch.manual_seed(cfg.seed)
     model = PolicyNet(len(spec.names))
@@ -219,22 +250,29 @@ def main(args: argparse.Namespace) -> int:
                 f"--resume: checkpoint rhythm is {r.get('schedule')}/{r.get('macro_every')}, "
                 f"asked for {cfg.schedule}/{cfg.macro_every}"
             )
+        if resume_bundle.objective != cfg.objective or resume_bundle.decide_every != cfg.decide_every:
+            raise TrainError(
+                f"--resume: checkpoint objective {resume_bundle.objective} (decide every "
+                f"{resume_bundle.decide_every}), asked for {cfg.objective} (decide every {cfg.decide_every})"
+            )
         rhythm = RhythmState(int(r["k"]), int(r.get("macro_updates", 0)), int(r.get("rest_updates", 0)))
-    trainer = Trainer(
-        model=model,
-        cfg=cfg,
-        macro_x=torch.from_numpy(obs.macro),
-        micro_x=torch.from_numpy(obs.micro),
-        open_prices=torch.from_numpy(candles["open"].to_numpy(np.float64)),
-        close_prices=torch.from_numpy(candles["close"].to_numpy(np.float64)),
-        start_rows=torch.from_numpy(starts),
-        rhythm=rhythm,
-        generator=generator,
-    )
+    try:
+        trainer = Trainer(
+            model=model,
+            cfg=cfg,
+            macro_x=torch.from_numpy(obs.macro),
+            micro_x=torch.from_numpy(obs.micro),
+            open_prices=torch.from_numpy(candles["open"].to_numpy(np.float64)),
+            close_prices=torch.from_numpy(candles["close"].to_numpy(np.float64)),
+            start_rows=torch.from_numpy(starts),
+            rhythm=rhythm,
+            generator=generator,
+        )
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
     if resume_bundle is not None and resume_bundle.optimizers:
         trainer.load_optimizer_state(resume_bundle.optimizers)
 
-    out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     metrics_path = out.with_suffix(".metrics.jsonl")
     best_path = out.with_suffix(".best.pt")
@@ -242,15 +280,9 @@ def main(args: argparse.Namespace) -> int:
     if resume_bundle is not None:
         best_score = float(resume_bundle.metadata.get("best_valid_score", -math.inf))
     metadata_base = {
-        "data": str(args.data),
-        "train_period": [
-            pd.Timestamp(train_from, unit="ms", tz="UTC").isoformat(),
-            pd.Timestamp(train_to, unit="ms", tz="UTC").isoformat(),
-        ],
-        "valid_period": [
-            pd.Timestamp(valid_from, unit="ms", tz="UTC").isoformat(),
-            pd.Timestamp(valid_to, unit="ms", tz="UTC").isoformat(),
-        ],
+        "data": data_label,
+        "train_period": [_iso(train_from), _iso(train_to)],
+        "valid_period": [_iso(valid_from), _iso(valid_to)],
         "seed": cfg.seed,
         "code_version": _code_version(),
         "torch": str(torch.__version__),
@@ -270,6 +302,7 @@ def main(args: argparse.Namespace) -> int:
             standardizer=standardizer,
             position_mode=cfg.position_mode,
             commission=cfg.commission,
+            decide_every=cfg.decide_every,
             rhythm={
                 "schedule": cfg.schedule,
                 "macro_every": cfg.macro_every,
@@ -278,7 +311,7 @@ def main(args: argparse.Namespace) -> int:
                 "rest_updates": trainer.rhythm.rest_updates,
             },
             optimizers=trainer.optimizer_state(),
-            train_config=cfg.to_dict() | {"validate_every": args.validate_every},
+            train_config=cfg.to_dict() | {"validate_every": validate_every},
             metadata=meta,
         )
 
@@ -290,12 +323,15 @@ def main(args: argparse.Namespace) -> int:
         updates=cfg.updates,
         start_k=trainer.rhythm.k,
         schedule=cfg.schedule,
+        objective=cfg.objective,
+        decide_every=cfg.decide_every,
         batch=cfg.episodes_per_update,
+        group_size=cfg.group_size,
         steps=cfg.episode_steps,
         episode_starts=int(starts.size),
     )
     bar = None
-    if not args.no_progress:
+    if progress:
         from tqdm import tqdm
 
         bar = tqdm(
@@ -319,7 +355,7 @@ def main(args: argparse.Namespace) -> int:
                     steps_s=f"{line['env_steps'] / max(line['wall_s'], 1e-9):,.0f}",
                 )
             k_done = trainer.rhythm.k
-            if k_done % args.validate_every == 0 or k_done == cfg.updates:
+            if k_done % validate_every == 0 or k_done == cfg.updates:
                 last_valid = validate(make_bundle(None), candles, obs, valid_from, valid_to)
                 metrics_file.write(json.dumps({"type": "validation", "k": k_done, **last_valid}) + "\n")
                 metrics_file.flush()
@@ -333,23 +369,23 @@ def main(args: argparse.Namespace) -> int:
                     score=round(last_valid["score"], 5),
                     greedy_return=last_valid["greedy"]["total_return"],
                     sampled_return=last_valid["sampled"]["total_return_mean"],
+                    sampled_trades=last_valid["sampled"]["n_trades_mean"],
                     hold_return=last_valid["buy_and_hold"]["total_return"],
                 )
     if bar is not None:
         bar.close()
     save_checkpoint(out, make_bundle(last_valid))
-    print(
-        json.dumps(
-            {
-                "out": str(out),
-                "best": str(best_path),
-                "metrics": str(metrics_path),
-                "updates": trainer.rhythm.k,
-                "macro_updates": trainer.rhythm.macro_updates,
-                "train_seconds": round(train_seconds, 2),
-                "validation": last_valid,
-            },
-            default=str,
-        )
-    )
-    return 0
+    return {
+        "out": str(out),
+        "best": str(best_path),
+        "metrics": str(metrics_path),
+        "updates": trainer.rhythm.k,
+        "macro_updates": trainer.rhythm.macro_updates,
+        "train_seconds": round(train_seconds, 2),
+        "best_valid_score": best_score,
+        "validation": last_valid,
+    }
+
+
+def _iso(ts_ms: int) -> str:
+    return pd.Timestamp(ts_ms, unit="ms", tz="UTC").isoformat()

@@ -25,8 +25,8 @@ SEEDS = (0, 1, 2)
 
 
 def run_backtest(ckpt: Path, data: str, date_from: str, date_to: str, extra: list[str]) -> dict:
-    """`ritmo backtest --json` in a subprocess, exactly as a user would run it."""
-    cmd = [sys.executable, "-m", "bot", "backtest", "--checkpoint", str(ckpt), "--data", data,
+    """`ritmo backtest --json` in a subprocess, exactly as a user would run it (data: space-separated files)."""
+    cmd = [sys.executable, "-m", "bot", "backtest", "--checkpoint", str(ckpt), "--data", *data.split(),
            "--from", date_from, "--to", date_to, "--json", *extra]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
     return json.loads(out.stdout)
@@ -52,10 +52,14 @@ def plot_training(metrics_path: Path, out_png: Path, title: str) -> dict:
     ax.plot(k, [u["entropy"] for u in updates], lw=0.8)
     ax.set_title("policy entropy (nats)")
     ax = axes[1, 0]
-    for a in ("hold", "buy", "sell"):
-        ax.plot(k, [u["action_shares"][a] for u in updates], lw=0.8, label=a)
-    ax.legend()
-    ax.set_title("action shares in rollouts")
+    if "action_shares" in updates[0]:
+        for a in ("hold", "buy", "sell"):
+            ax.plot(k, [u["action_shares"][a] for u in updates], lw=0.8, label=a)
+        ax.legend()
+        ax.set_title("action shares in rollouts")
+    else:  # expected_pnl samples nothing: its metric is the expected turnover of the sampling policy
+        ax.plot(k, [u["turnover_per_episode"] for u in updates], lw=0.8)
+        ax.set_title("expected turnover per episode (equity fractions traded)")
     ax = axes[1, 1]
     if validations:
         vk = [v["k"] for v in validations]
@@ -73,19 +77,19 @@ def plot_training(metrics_path: Path, out_png: Path, title: str) -> dict:
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     last = updates[-1]
-    return {"updates": len(updates), "final_entropy": last["entropy"], "final_action_shares": last["action_shares"],
-            "validations": len(validations)}  # fmt: skip
+    return {"updates": len(updates), "final_entropy": last["entropy"], "final_action_shares": last.get("action_shares"),
+            "final_turnover": last.get("turnover_per_episode"), "validations": len(validations)}  # fmt: skip
 
 
 def validation_probs(bundle, data: str, v_from: str, v_to: str) -> dict:
     """How decided the policy is over the validation period: action probabilities from the flat state."""
     from bot.backtesting import period_probs
-    from bot.candle_files import load_candles
+    from bot.candle_files import load_candle_files
     from strategies.backtest import period_rows
     from strategies.candles import parse_utc_date_ms
     from strategies.features import build_observations, compute_features
 
-    candles = load_candles(data)
+    candles = load_candle_files(data.split())
     obs = build_observations(compute_features(candles, bundle.spec), bundle.standardizer)
     i0, i1 = period_rows(candles["ts_ms"].to_numpy(), parse_utc_date_ms(v_from), parse_utc_date_ms(v_to))
     flat = period_probs(bundle, obs, i0, i1)[:, 1, :]  # position state 0 (flat)
@@ -111,6 +115,63 @@ def metrics_row(name: str, m: dict, days: float) -> str:
     )
 
 
+def evaluation_section(path: Path) -> str:
+    """The walk-forward evaluation of the checkpoint's configuration (results.json of `ritmo evaluate`)."""
+    r = json.loads(path.read_text())
+    h = r["headline"]
+    split, cost = h["split"], str(h["commission"])
+    pooled = r["pooled"][split][cost]
+    pol, base = pooled["policy"], pooled["baselines"]
+    t = h["targets"]
+    rows = [
+        "| strategy | return | Sharpe (daily, ann.) | 95% CI | max DD |",
+        "|---|---|---|---|---|",
+        f"| **this configuration** (mean of {len(pol['sharpe_per_seed'])} seeds) | {fmt_pct(pol['total_return'])} | "
+        f"{fmt_num(pol['sharpe'])} | [{fmt_num(pol['sharpe_ci'][0])}, {fmt_num(pol['sharpe_ci'][1])}] | "
+        f"{fmt_pct(pol['max_drawdown'])} |",
+    ]
+    for name in (
+        "buy_and_hold",
+        "sma_1d_5d_long_only",
+        "sma_1d_5d_long_short",
+        "sma_2d_8d_long_only",
+        "flat",
+        "random",
+    ):
+        b = base[name]
+        rows.append(
+            f"| {name} | {fmt_pct(b['total_return'])} | {fmt_num(b['sharpe'])} | "
+            f"[{fmt_num(b['sharpe_ci'][0])}, {fmt_num(b['sharpe_ci'][1])}] | {fmt_pct(b['max_drawdown'])} |"
+        )
+    folds = r["folds"]
+    trade_target = (
+        f"every seed trades on every fold, 1/week .. 6/day (measured {h['trades_per_day_min']:.3f} .. "
+        f"{h['trades_per_day_max']:.3f}/day, {h['units_never_traded']} runs never traded)"
+    )
+    return f"""## Walk-forward evaluation of this configuration ({split} folds, pooled, commission {cost})
+
+`ritmo evaluate` retrained this configuration on each of {len(folds)} folds ({folds[0]["test"][0]} ..
+{folds[-1]["test"][1]} tested, 3 months each) with {len(pol["sharpe_per_seed"])} seeds; the shipped file is one
+more run of it on all data before its validation period. Targets of the issue, measured:
+
+| target | met |
+|---|---|
+| {trade_target} | {t["trades_every_unit_in_range"]} |
+| beats flat | {t["beats_flat"]} |
+| Sharpe >= buy & hold | {t["sharpe_at_least_buy_and_hold"]} |
+| Sharpe >= best SMA rule ({h["best_sma"]}) | {t["sharpe_at_least_best_sma"]} |
+| max drawdown < buy & hold | {t["drawdown_below_buy_and_hold"]} |
+
+{chr(10).join(rows)}
+
+Trades/day {fmt_num(pol["trades_per_day"], ".3f")}, average holding {fmt_num(pol["avg_holding_hours"], ".1f")} h,
+win rate {fmt_num(pol["win_rate"], ".1%")}, edge per trade {fmt_num(pol["edge_per_trade_bps"], ".1f")} bps against a
+fee of {float(cost) * 1e4:.0f} bps; deflated Sharpe {fmt_num(pol["deflated_sharpe"], ".3f")} over {pol["n_trials"]}
+trials.
+The whole report, cost sweep and per-fold tables: `docs/evaluation.md`.
+"""
+
+
 def main() -> None:
     """Write CHECKPOINT.md, CHECKPOINT.training.png and CHECKPOINT.validation.png."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -119,6 +180,8 @@ def main() -> None:
     p.add_argument("--machine", default="", help="machine description for the card")
     p.add_argument("--notes", default="", help="extra markdown appended under Known limitations")
     p.add_argument("--verdict", default="", help="a plain-words summary placed first")
+    p.add_argument("--shipped", choices=("last", "best"), default="last", help="which state of the run this file is")
+    p.add_argument("--evaluation", type=Path, help="results.json of `ritmo evaluate` for this configuration")
     args = p.parse_args()
     ckpt: Path = args.checkpoint
     bundle = load_checkpoint(ckpt)
@@ -145,12 +208,34 @@ def main() -> None:
     probs = validation_probs(bundle, data, v_from, v_to)
     rhythm = bundle.rhythm
     cfg = bundle.train_config
-    shares = curves["final_action_shares"]
+    objective = bundle.objective
+    if curves["final_action_shares"]:
+        sh = curves["final_action_shares"]
+        end_state = (
+            f"the rollouts' action shares were hold {sh['hold']:.1%}, buy {sh['buy']:.1%}, sell {sh['sell']:.1%}"
+        )
+    else:
+        end_state = f"the expected turnover per training episode was {curves['final_turnover']:.2f} x equity"
+    learner = (
+        "REINFORCE (the card's objective)"
+        if objective == "card"
+        else f"the `{objective}` objective (strategies/objectives.py)"
+    )
+    shipped = (
+        "the LAST state of the run (not the best-on-validation one), so the validation figures below are out "
+        "of sample: the validation period chose nothing."
+        if args.shipped == "last"
+        else "the BEST state on the validation period (mean sampled log return over seeds 0, 1, 2), so the "
+        "validation figures below chose this file and are not out of sample; the out-of-sample evidence is the "
+        "walk-forward evaluation of its configuration."
+    )
+    evaluation = evaluation_section(args.evaluation) if args.evaluation else ""
     text = f"""# Model card: `{ckpt.name}`
 
 Policy network of the architecture card (MacroNet 48,512 + MicroNet 5,984 + decision head 29,315 = 83,811
-parameters), trained offline with REINFORCE under the `{rhythm["schedule"]}` schedule (MacroNet learns once
-every {rhythm["macro_every"]} updates) in `{bundle.position_mode}` mode. Model version `{bundle.version()}`.
+parameters), trained offline with {learner} under the `{rhythm["schedule"]}` schedule (MacroNet learns once
+every {rhythm["macro_every"]} updates) in `{bundle.position_mode}` mode, deciding every {bundle.decide_every}
+candles. Model version `{bundle.version()}`.
 
 ## Reproduce
 
@@ -158,9 +243,8 @@ every {rhythm["macro_every"]} updates) in `{bundle.position_mode}` mode. Model v
 {args.command}
 ```
 
-Same code version (`{meta.get("code_version")}`), same machine kind and 2 torch threads give the same weights
-(training is seeded: initial weights, episode starts, sampling and dropout masks; tested in
-`tests/test_training_cli.py`). This card was written by
+Same code version (`{meta.get("code_version")}`), same machine kind and torch threads give the same weights
+(training is seeded: initial weights, episode starts, sampling and dropout masks). This card was written by
 `.venv/bin/python scripts/model_card.py {ckpt} --command "..."`.
 
 ## Data and periods
@@ -168,14 +252,16 @@ Same code version (`{meta.get("code_version")}`), same machine kind and 2 torch 
 - data: `{data}` (real Binance BTC/USDT 5m candles)
 - training period: {meta["train_period"][0]} .. {meta["train_period"][1]} (standardisation fitted here only)
 - validation period: {meta["valid_period"][0]} .. {meta["valid_period"][1]}
-- seed {meta["seed"]}; {rhythm["k"]} updates of {cfg["episodes_per_update"]} episodes x {cfg["episode_steps"]} steps
-  ({rhythm["macro_updates"]} MacroNet updates); commission {bundle.commission} per side; slippage
-  {cfg["slippage_bps"]} bps; entropy bonus {cfg["entropy_coef"]}; gradient clip {cfg["grad_clip"]} (0 = off)
+- seed {meta["seed"]}; {rhythm["k"]} updates of {cfg["episodes_per_update"]} episodes x {cfg["episode_steps"]}
+  decisions ({rhythm["macro_updates"]} MacroNet updates); objective `{objective}`, decision every
+  {bundle.decide_every} candles, gamma {cfg["gamma"]}; commission {bundle.commission} per side (curriculum over
+  {cfg.get("cost_curriculum_updates", 0)} updates); slippage {cfg["slippage_bps"]} bps; entropy bonus
+  {cfg["entropy_coef"]}; gradient clip {cfg["grad_clip"]} (0 = off)
 - training time: {meta["train_seconds"]:.0f} s of updates (torch {meta.get("torch")}) on
   {args.machine or meta.get("machine")}; the machine was shared with other work while it ran
-- shipped: the LAST state of the run (not the best-on-validation one, `{ckpt.with_suffix(".best.pt").name}`),
-  so the validation figures below are out of sample: the validation period chose nothing.
+- shipped: {shipped}
 
+{evaluation}
 ## Validation ({v_from} .. {v_to}, {greedy["candles"]} candles, net of fees)
 
 {chr(10).join(rows)}
@@ -188,9 +274,8 @@ Reproduce a row with `ritmo backtest --checkpoint {ckpt} --data {data} --from {v
 
 ## Training curves
 
-At the end of training the rollouts' action shares were hold {shares["hold"]:.1%}, buy {shares["buy"]:.1%},
-sell {shares["sell"]:.1%}; policy entropy {curves["final_entropy"]:.4f} nats. Over the validation period, from
-the flat state, the mean probabilities are HOLD {probs["mean"][0]:.6f}, BUY {probs["mean"][1]:.6f},
+At the end of training {end_state}; policy entropy {curves["final_entropy"]:.4f} nats. Over the validation period,
+from the flat state, the mean probabilities are HOLD {probs["mean"][0]:.6f}, BUY {probs["mean"][1]:.6f},
 SELL {probs["mean"][2]:.6f}; the largest probability of a trading action (BUY or SELL) at any candle is
 {probs["max_trade"]:.3g}.
 
@@ -198,10 +283,8 @@ SELL {probs["mean"][2]:.6f}; the largest probability of a trading action (BUY or
 
 ## Known limitations
 
-- REINFORCE with per-step log-return rewards and a 0.1% commission, started flat, learns first that trading
-  costs fees; see the curves above for how far this run got beyond that.
-- One year of one market (BTC/USDT spot, 2024, a strong bull year); no walk-forward, no regime test.
-- Position is all-in (-1/0/+1 of equity); no sizing, no stop-loss; fills are at the next 5-minute open.
+- BTC/USDT spot 2021-2024 only; position is all-in (-1/0/+1 of equity); no sizing, no stop-loss; fills at
+  the next 5-minute open; short borrow and funding are not modelled.
 {args.notes}
 """
     if args.verdict:

@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from strategies.accounting import BUY, Ledger
+from strategies.accounting import BUY, HOLD, Ledger
+from strategies.candles import CANDLE_MS
+from strategies.objectives import is_decision_candle
 from strategies.policy import decision_uniforms
 
 PERIODS_PER_YEAR = 365 * 288  # 5-minute candles in a 365-day year, for annualising Sharpe and Sortino
@@ -112,6 +114,7 @@ def run_backtest(
     greedy: bool = False,
     seed: int = 0,
     initial_cash: float = 10_000.0,
+    decide_every: int = 1,
 ) -> BacktestResult:
     """Run the policy sequentially over one period.
 
@@ -119,13 +122,14 @@ def run_backtest(
       candles i0-1 .. i1-2 (row k is the decision whose fill is at the open of period candle k);
     ts_ms, open_prices, close_prices: (n,) the period candles i0 .. i1-1.
     The decision's uniform number is keyed by the open time of the candle it is taken on (ts_ms[k] - 5 min).
+    decide_every = K: only candles that `is_decision_candle` names decide; the others keep the position (HOLD).
     """
     n = int(ts_ms.shape[0])
     if not (probs.shape[0] == n == open_prices.shape[0] == close_prices.shape[0]):
         raise ValueError("probs, ts_ms, open_prices and close_prices must have the same length")
     if n == 0:
         raise ValueError("the backtest period holds no candles")
-    decision_ts = np.asarray(ts_ms, dtype=np.int64) - 300_000
+    decision_ts = np.asarray(ts_ms, dtype=np.int64) - CANDLE_MS
     if greedy:
         actions = np.argmax(probs, axis=2)  # (n, 3): the greedy action for each position state
     else:
@@ -133,6 +137,43 @@ def run_backtest(
         cdf = np.cumsum(probs, axis=2)
         # inverse CDF for every position state at once; the loop below only picks the row it needs
         actions = (u[:, None, None] >= cdf[:, :, :2]).sum(axis=2)
+    if decide_every > 1:
+        actions = np.where(np.asarray(is_decision_candle(decision_ts, decide_every))[:, None], actions, HOLD)
+    return run_actions(
+        actions,
+        ts_ms,
+        open_prices,
+        close_prices,
+        mode=mode,
+        commission=commission,
+        slippage_bps=slippage_bps,
+        initial_cash=initial_cash,
+    )
+
+
+def run_actions(
+    actions: np.ndarray,
+    ts_ms: np.ndarray,
+    open_prices: np.ndarray,
+    close_prices: np.ndarray,
+    *,
+    mode: str,
+    commission: float,
+    slippage_bps: float = 0.0,
+    initial_cash: float = 10_000.0,
+) -> BacktestResult:
+    """Run fixed actions over one period with the shared accounting, beside buy-and-hold and flat.
+
+    actions: (n, 3) the action for each position state (index position + 1) at each decision, or (n,) one
+    action whatever the position (a baseline rule); the other arguments as in `run_backtest`.
+    """
+    n = int(ts_ms.shape[0])
+    actions = np.asarray(actions, dtype=np.int64)
+    if actions.ndim == 1:
+        actions = np.repeat(actions[:, None], 3, axis=1)
+    if actions.shape != (n, 3) or n == 0 or not (n == open_prices.shape[0] == close_prices.shape[0]):
+        raise ValueError("actions must be (n, 3) or (n,) for n period candles, with prices of the same length")
+    decision_ts = np.asarray(ts_ms, dtype=np.int64) - CANDLE_MS
     actions_list = actions.tolist()
     opens = open_prices.tolist()
     closes = close_prices.tolist()

@@ -52,8 +52,14 @@ class VectorTradingEnv:
         commission: float = DEFAULT_COMMISSION,
         slippage_bps: float = 0.0,
         initial_cash: float = 1.0,
+        decide_every: int = 1,
     ) -> None:
-        """Prices (T,) of the data the episodes run on; money in quote units starting at initial_cash."""
+        """Prices (T,) of the data the episodes run on; money in quote units starting at initial_cash.
+
+        decide_every = K: one step is one decision; it fills at the next open and the position is then held
+        for K candles, so step t of an episode starting at row s fills at open[s + t*K + 1] and is marked at
+        close[s + (t+1)*K]. K = 1 is the card's one decision per candle.
+        """
         self.mode = validate_position_mode(mode)
         self._open = _price_tensor("open_prices", open_prices)
         self._close = _price_tensor("close_prices", close_prices).to(self._open.device)
@@ -69,6 +75,9 @@ class VectorTradingEnv:
             raise ValueError(f"slippage_bps must be >= 0, got {slippage_bps!r}")
         if not initial_cash > 0:
             raise ValueError(f"initial_cash must be positive, got {initial_cash!r}")
+        if int(decide_every) < 1:
+            raise ValueError(f"decide_every must be >= 1, got {decide_every!r}")
+        self.decide_every = int(decide_every)
         self.commission = float(commission)
         self.slippage_bps = float(slippage_bps)
         # row (position + 1) * 3 + action -> target_position(action, position); a position the mode cannot
@@ -94,7 +103,7 @@ class VectorTradingEnv:
 
     def max_steps(self, start_idx: torch.Tensor) -> torch.Tensor:
         """(B,) int64: how many steps an episode starting at each index can take before the data ends."""
-        return self.n_candles - 1 - torch.as_tensor(start_idx, dtype=torch.int64)
+        return (self.n_candles - 1 - torch.as_tensor(start_idx, dtype=torch.int64)) // self.decide_every
 
     # ---- episode control ------------------------------------------------------------------------------
 
@@ -148,7 +157,9 @@ class VectorTradingEnv:
             )
         if int(actions.min()) < 0 or int(actions.max()) > 2:
             raise ValueError("actions must be 0 HOLD, 1 BUY or 2 SELL")
-        nxt = start + self._t + 1
+        k = self.decide_every
+        nxt = start + self._t * k + 1  # the fill: the open right after the decision
+        mark = start + (self._t + 1) * k  # the close at which the next decision is taken
         # target_position evaluated once per (position, action) pair at construction: one lookup per step
         # instead of a dozen elementwise ops (this loop is the training rollout's hot path).
         target = self._target_table[(self._position.long() + 1) * 3 + actions]
@@ -164,7 +175,7 @@ class VectorTradingEnv:
         self._n_trades = self._n_trades + booked.to(torch.int64)
         self._position = target.to(torch.float32)  # equal to the old position wherever target == p
 
-        equity_next = self._cash + self._qty * self._close[nxt]
+        equity_next = self._cash + self._qty * self._close[mark]
         if not bool((equity_next > 0).all()):
             bad = torch.nonzero(equity_next <= 0).flatten().tolist()[:5]
             raise RuntimeError(f"equity fell to <= 0 in episode(s) {bad} at step {self._t}: log reward undefined")
@@ -177,7 +188,7 @@ class VectorTradingEnv:
     def state(self) -> EnvState:
         """Position (B,), cash ratio (B,) and current decision candle (B,)."""
         start = self._require_reset()
-        return EnvState(self._position.clone(), self.cash_ratio, start + self._t)
+        return EnvState(self._position.clone(), self.cash_ratio, start + self._t * self.decide_every)
 
     def _require_reset(self) -> torch.Tensor:
         if self._start is None:
@@ -194,7 +205,7 @@ class VectorTradingEnv:
     @property
     def candle_idx(self) -> torch.Tensor:
         """(B,) int64: the candle whose close the next decision follows."""
-        return self._require_reset() + self._t
+        return self._require_reset() + self._t * self.decide_every
 
     @property
     def position(self) -> torch.Tensor:

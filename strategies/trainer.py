@@ -5,8 +5,10 @@ One update:
                 (dropout off, as the daemon acts) and without autograd. The encoders do not depend on the
                 position, so MacroNet and MicroNet run once over all B*L rows; only the cheap head-table
                 lookup and the accounting run step by step, batched over B.
-  2. returns  - G_t = sum_k gamma^k r_{t+k} inside each episode, normalised over the batch.
-  3. update   - loss = -mean(log pi(a_t|s_t) * G_hat_t) recomputed with dropout on. Update k learns
+  2. returns  - the objective's per-step rewards (strategies/objectives.py), G_t = sum_k gamma^k r_{t+k}
+                inside each episode (gamma per decision), then normalised over the batch (card) or
+                baselined leave-one-out inside groups of rollouts that share a price path.
+  3. update   - loss = -mean(log pi(a_t|s_t) * A_t) recomputed with dropout on. Update k learns
                 MacroNet only when k % macro_every == 0 (asymmetric) or always (symmetric). On the other
                 updates MacroNet runs without autograd (its rollout embedding is reused: the same eval-mode
                 forward) and its optimiser does not step.
@@ -19,10 +21,22 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from strategies.accounting import ACTIONS, target_position
+from strategies.candles import CANDLE_MS
 from strategies.env import VectorTradingEnv
+from strategies.objectives import (
+    advantages,
+    ex_ante_volatility,
+    expected_step_pnl,
+    is_decision_candle,
+    linear_schedule,
+    shaped_rewards,
+    validate_objective,
+)
 from strategies.policy import MACRO_EMBED, PolicyNet, head_logits_all_positions
 
 SCHEDULES = ("asymmetric", "symmetric")
@@ -66,6 +80,31 @@ class TrainConfig:
     start_position: str = "flat"
     """flat: every training episode starts flat (the card); random: it starts holding a position drawn
     uniformly from the mode's states ("exploring starts", extra beyond the card; see the model cards)"""
+    objective: str = "card"
+    """card (the architecture card's), log_return, excess, vol_scaled or dsr (strategies/objectives.py)"""
+    decide_every: int = 1
+    """K: the policy decides at closes whose 5-minute index since the epoch is divisible by K and keeps the
+    position in between; an episode is L decisions, gamma applies per decision (1 = every candle, the card)"""
+    group_size: int = 1
+    """M: rollouts per start point on the same price path, advantage leave-one-out (1 = batch-normalised)"""
+    vol_window: int = 1152
+    """candles of one-candle log returns in the ex-ante volatility of vol_scaled and dsr (1152 = 4 days; it
+    must fit in the daemon's 1,265-candle buffer)"""
+    vol_target: float = 0.01
+    """vol_scaled: target volatility per decision interval (a scale; advantages are normalised anyway)"""
+    dsr_eta: float = 0.02
+    """dsr: adaptation rate of the moment estimates (about 1 / the number of decisions it remembers)"""
+    cost_curriculum_updates: int = 0
+    """commission ramps linearly from 0 to `commission` over these first updates (0 = the real cost always)"""
+    entropy_coef_end: float | None = None
+    """entropy bonus reached after explore_updates, linearly from entropy_coef (None = entropy_coef always)"""
+    trade_floor: float = 0.0
+    """while exploring, a hinge penalty keeps the probability of an action that changes the position at or
+    above this floor; it falls linearly to 0 over explore_updates (0 = off)"""
+    trade_floor_coef: float = 1.0
+    """weight of the trade-floor hinge penalty in the loss"""
+    explore_updates: int = 0
+    """length of the exploration schedules (entropy, trade floor); 0 = their start values throughout"""
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -80,10 +119,46 @@ class TrainConfig:
             raise ValueError("gamma must be in (0, 1]")
         if self.start_position not in START_POSITIONS:
             raise ValueError(f"start_position must be one of {', '.join(START_POSITIONS)}, got {self.start_position!r}")
+        validate_objective(self.objective)
+        for name in ("decide_every", "group_size", "vol_window"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.episodes_per_update % self.group_size:
+            raise ValueError(
+                f"episodes_per_update ({self.episodes_per_update}) must be a multiple of group_size ({self.group_size})"
+            )
+        if self.objective == "card" and (self.group_size != 1 or self.decide_every != 1):
+            raise ValueError("the card objective decides every candle without groups: use decide_every 1, group_size 1")
+        if self.objective == "expected_pnl" and (self.group_size != 1 or self.trade_floor > 0):
+            raise ValueError("expected_pnl is analytic: it samples nothing, so group_size is 1 and trade_floor 0")
+        if not 0 <= self.trade_floor < 1:
+            raise ValueError("trade_floor must be in [0, 1)")
+        for name in ("cost_curriculum_updates", "explore_updates"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if not (self.vol_target > 0 and 0 < self.dsr_eta < 1):
+            raise ValueError("vol_target must be > 0 and dsr_eta in (0, 1)")
+
+    def schedule_at(self, k: int) -> dict[str, float]:
+        """Commission, entropy bonus and trade floor in force at update k (curriculum and exploration)."""
+        ramp = 1.0 if self.cost_curriculum_updates <= 0 else min(1.0, k / self.cost_curriculum_updates)
+        end = self.entropy_coef if self.entropy_coef_end is None else self.entropy_coef_end
+        return {
+            "commission": self.commission * ramp,
+            "entropy_coef": linear_schedule(self.entropy_coef, end, k, self.explore_updates),
+            "trade_floor": linear_schedule(self.trade_floor, 0.0, k, self.explore_updates),
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able copy."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """The config a checkpoint's train_config records; keys it does not know (validate_every) are ignored,
+        fields it lacks (checkpoints older than the field) take their defaults, which reproduce the card."""
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
@@ -95,6 +170,7 @@ class Rollout:
     actions: torch.Tensor  # int64
     rewards: torch.Tensor  # float64 ln(E_{t+1}/E_t)
     macro_emb: torch.Tensor  # (B*L, 128) eval-mode embeddings, reused when MacroNet is frozen
+    trades: torch.Tensor  # (B,) int64 fills per episode
 
 
 @dataclass
@@ -111,18 +187,89 @@ def is_macro_update(k: int, schedule: str, macro_every: int) -> bool:
     return schedule == "symmetric" or k % macro_every == 0
 
 
-def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
-    """G_t = sum_{j>=t} gamma^(j-t) r_j within each episode: (B, L) -> (B, L), one matmul."""
-    steps = rewards.shape[1]
-    idx = torch.arange(steps, dtype=rewards.dtype)
-    expo = idx[:, None] - idx[None, :]  # (j, t) -> j - t
-    discount = torch.where(expo >= 0, torch.pow(torch.as_tensor(gamma, dtype=rewards.dtype), expo.clamp(min=0)), 0)
-    return rewards @ discount
+def episode_start_rows(
+    ts_ms: np.ndarray, valid: np.ndarray, i0: int, i1: int, steps: int, decide_every: int = 1
+) -> np.ndarray:
+    """Decision rows s where an episode of `steps` decisions K candles apart fits the period rows [i0, i1).
+
+    s is a decision candle (objectives.is_decision_candle); its fills and marks (rows s+1 .. s+steps*K) lie in
+    [i0, i1); the observations of its decision rows s .. s+(steps-1)*K are valid; and no gap in the data falls
+    inside s .. s+steps*K (an episode never spans a gap). ts_ms (T,), valid (T,) bool.
+    """
+    k = int(decide_every)
+    ts = np.asarray(ts_ms, dtype=np.int64)
+    lo, hi = max(i0 - 1, 0), i1 - 1 - steps * k
+    if hi < lo:
+        return np.empty(0, dtype=np.int64)
+    starts = np.arange(lo, hi + 1)
+    span = steps * k
+    ok_obs = np.concatenate([[0], np.cumsum(np.asarray(valid, dtype=np.int64))])
+    obs_span = (steps - 1) * k + 1
+    ok = ok_obs[starts + obs_span] - ok_obs[starts] == obs_span
+    # step j of row i is contiguous when ts[i+1] - ts[i] is one candle
+    gaps = np.concatenate([[0], np.cumsum(np.diff(ts) != CANDLE_MS)])
+    ok &= gaps[starts + span] - gaps[starts] == 0
+    ok &= np.asarray(is_decision_candle(ts[starts], k), dtype=bool)
+    return starts[ok]
 
 
 def _grad_norm(params: list[nn.Parameter]) -> float:
     grads = [p.grad.detach().flatten() for p in params if p.grad is not None]
     return float(torch.cat(grads).norm()) if grads else 0.0
+
+
+@torch.no_grad()
+def sample_rollout(
+    model: PolicyNet,
+    env: VectorTradingEnv,
+    macro_x: torch.Tensor,
+    micro_x: torch.Tensor,
+    starts: torch.Tensor,
+    steps: int,
+    uniforms: torch.Tensor,
+    initial_position: torch.Tensor | None = None,
+) -> Rollout:
+    """B episodes of `steps` decisions sampled from the eval-mode policy (dropout off, as the daemon acts).
+
+    starts (B,) rows of the env's price series; decision j of episode b reads observation row
+    starts[b] + j * env.decide_every of macro_x/micro_x (n, 3N); uniforms (B, L) drive the inverse-CDF draws.
+    The encoders do not depend on the position, so they run once over all B*L rows; only the head-table
+    lookup and the accounting run step by step, batched over B.
+    """
+    b = starts.shape[0]
+    rows = starts[:, None] + torch.arange(steps)[None, :] * env.decide_every  # (B, L)
+    flat = rows.reshape(-1)
+    model.eval()
+    macro_emb = torch.empty((flat.numel(), MACRO_EMBED))
+    cdf = torch.empty((flat.numel(), 3, 3))
+    for lo in range(0, flat.numel(), ROLLOUT_CHUNK_ROWS):
+        chunk = flat[lo : lo + ROLLOUT_CHUNK_ROWS]
+        m = model.macro(macro_x[chunk])
+        u = model.micro(micro_x[chunk])
+        macro_emb[lo : lo + chunk.numel()] = m
+        cdf[lo : lo + chunk.numel()] = torch.softmax(head_logits_all_positions(model, m, u), -1).cumsum(-1)
+    cdf = cdf.reshape(b, steps, 3, 3)
+    env.reset(starts, initial_position)
+    positions = torch.empty((b, steps), dtype=torch.float32)
+    actions = torch.empty((b, steps), dtype=torch.int64)
+    rewards = torch.empty((b, steps), dtype=torch.float64)
+    batch_idx = torch.arange(b)
+    for t in range(steps):
+        pos = env.position
+        positions[:, t] = pos
+        cdf_t = cdf[batch_idx, t, (pos + 1).long()]  # (B, 3) for each episode's position state
+        a = (uniforms[:, t, None] >= cdf_t[:, :2]).sum(-1)
+        actions[:, t] = a
+        rewards[:, t] = env.step(a)
+    return Rollout(rows, positions, actions, rewards, macro_emb, env.n_trades.clone())
+
+
+def changes_position_table(mode: str) -> torch.Tensor:
+    """(3 positions, 3 actions) float32: 1 where the action moves the position state (index position + 1)."""
+    allowed = (-1, 0, 1) if mode == "long_short" else (0, 1)
+    return torch.tensor(
+        [[float(p in allowed and target_position(a, p, mode) != p) for a in ACTIONS] for p in (-1, 0, 1)]
+    )
 
 
 @dataclass
@@ -135,7 +282,7 @@ class Trainer:
     micro_x: torch.Tensor  # (n, 3N) float32
     open_prices: torch.Tensor  # (n,) float64
     close_prices: torch.Tensor  # (n,) float64
-    start_rows: torch.Tensor  # (m,) int64 rows where an episode may start (all L steps inside the period)
+    start_rows: torch.Tensor  # (m,) int64 rows where an episode may start (episode_start_rows)
     rhythm: RhythmState = field(default_factory=RhythmState)
     generator: torch.Generator = field(default_factory=torch.Generator)
 
@@ -152,7 +299,19 @@ class Trainer:
             mode=self.cfg.position_mode,
             commission=self.cfg.commission,
             slippage_bps=self.cfg.slippage_bps,
+            decide_every=self.cfg.decide_every,
         )
+        self.volatility: torch.Tensor | None = None
+        if self.cfg.objective in ("vol_scaled", "dsr"):
+            vol = ex_ante_volatility(self.close_prices.numpy(), self.cfg.vol_window, self.cfg.decide_every)
+            self.volatility = torch.from_numpy(vol)
+            bad = ~torch.isfinite(self.volatility[self.start_rows]) | (self.volatility[self.start_rows] <= 0)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"{self.cfg.objective} needs {self.cfg.vol_window} candles before every episode start "
+                    "for its ex-ante volatility: start the training period later"
+                )
+        self.change_table = changes_position_table(self.cfg.position_mode)
 
     # --- state for checkpoints ----------------------------------------------------------------
     def optimizer_state(self) -> dict[str, Any]:
@@ -171,53 +330,51 @@ class Trainer:
             self.generator.set_state(state["generator"])
 
     # --- one update ---------------------------------------------------------------------------
-    @torch.no_grad()
     def rollout(self) -> Rollout:
-        """B episodes of L steps, sampled from the eval-mode policy."""
+        """B episodes of L decisions, sampled from the eval-mode policy: G start points x M rollouts each."""
         cfg = self.cfg
-        b, steps = cfg.episodes_per_update, cfg.episode_steps
-        pick = torch.randint(0, self.start_rows.numel(), (b,), generator=self.generator)
+        b, steps, m = cfg.episodes_per_update, cfg.episode_steps, cfg.group_size
+        pick = torch.randint(0, self.start_rows.numel(), (b // m,), generator=self.generator)
         starts = self.start_rows[pick]
-        rows = starts[:, None] + torch.arange(steps)[None, :]  # (B, L)
-        flat = rows.reshape(-1)
-        self.model.eval()
-        macro_emb = torch.empty((flat.numel(), MACRO_EMBED))
-        cdf = torch.empty((flat.numel(), 3, 3))
-        for lo in range(0, flat.numel(), ROLLOUT_CHUNK_ROWS):
-            chunk = flat[lo : lo + ROLLOUT_CHUNK_ROWS]
-            m = self.model.macro(self.macro_x[chunk])
-            u = self.model.micro(self.micro_x[chunk])
-            macro_emb[lo : lo + chunk.numel()] = m
-            cdf[lo : lo + chunk.numel()] = torch.softmax(head_logits_all_positions(self.model, m, u), -1).cumsum(-1)
-        cdf = cdf.reshape(b, steps, 3, 3)
+        if m > 1:
+            starts = starts.repeat_interleave(m)  # rows [g*M, (g+1)*M) share a start and a price path
         uniforms = torch.rand((b, steps), generator=self.generator)
-
         initial = None
         if cfg.start_position == "random":
             states = torch.tensor([-1.0, 0.0, 1.0] if cfg.position_mode == "long_short" else [0.0, 1.0])
             initial = states[torch.randint(0, states.numel(), (b,), generator=self.generator)]
-        self.env.reset(starts, initial)
-        positions = torch.empty((b, steps), dtype=torch.float32)
-        actions = torch.empty((b, steps), dtype=torch.int64)
-        rewards = torch.empty((b, steps), dtype=torch.float64)
-        batch_idx = torch.arange(b)
-        for t in range(steps):
-            pos = self.env.position
-            positions[:, t] = pos
-            cdf_t = cdf[batch_idx, t, (pos + 1).long()]  # (B, 3) for each episode's position state
-            a = (uniforms[:, t, None] >= cdf_t[:, :2]).sum(-1)
-            actions[:, t] = a
-            rewards[:, t] = self.env.step(a)
-        return Rollout(rows, positions, actions, rewards, macro_emb)
+        return sample_rollout(self.model, self.env, self.macro_x, self.micro_x, starts, steps, uniforms, initial)
+
+    def step_rewards(self, ro: Rollout) -> torch.Tensor:
+        """The objective's per-step rewards (B, L) for a rollout."""
+        cfg = self.cfg
+        if cfg.objective in ("card", "log_return"):
+            return ro.rewards
+        k = cfg.decide_every
+        market = torch.log(self.close_prices[ro.rows + k] / self.close_prices[ro.rows])
+        vol = self.volatility[ro.rows] if self.volatility is not None else None
+        return shaped_rewards(
+            cfg.objective,
+            ro.rewards,
+            market_log_returns=market,
+            volatility=vol,
+            vol_target=cfg.vol_target,
+            dsr_eta=cfg.dsr_eta,
+        )
 
     def update(self) -> dict[str, Any]:
         """One rollout and one policy-gradient step under the rhythm; returns the metrics line."""
         t0 = time.perf_counter()
         cfg = self.cfg
         k = self.rhythm.k
+        sched = cfg.schedule_at(k)
+        self.env.commission = sched["commission"]
         learn_macro = is_macro_update(k, cfg.schedule, cfg.macro_every)
+        if cfg.objective == "expected_pnl":
+            return self._update_expected(k, learn_macro, sched, t0)
         ro = self.rollout()
         flat = ro.rows.reshape(-1)
+        adv = advantages(self.step_rewards(ro), cfg.gamma, cfg.group_size)
         stats = policy_gradient_step(
             self.model,
             self.opt_macro,
@@ -226,13 +383,15 @@ class Trainer:
             micro_x=self.micro_x[flat],
             positions=ro.positions,
             actions=ro.actions,
-            rewards=ro.rewards,
+            advantages=adv,
             learn_macro=learn_macro,
-            gamma=cfg.gamma,
-            entropy_coef=cfg.entropy_coef,
+            entropy_coef=sched["entropy_coef"],
             grad_clip=cfg.grad_clip,
             dropout_seed=cfg.seed * 1_000_003 + k,
             frozen_macro_emb=ro.macro_emb,
+            trade_floor=sched["trade_floor"],
+            trade_floor_coef=cfg.trade_floor_coef,
+            change_table=self.change_table,
         )
         if stats.applied:
             self.rhythm.rest_updates += 1
@@ -248,11 +407,127 @@ class Trainer:
             "mean_reward": float(ro.rewards.mean()),
             "mean_episode_log_return": float(ro.rewards.sum(1).mean()),
             "entropy": stats.entropy,
+            "p_change": stats.p_change,
+            "trades_per_episode": float(ro.trades.double().mean()),
+            "commission": sched["commission"],
             "action_shares": {"hold": float(shares[0]), "buy": float(shares[1]), "sell": float(shares[2])},
             "grad_norm": {"macro": stats.grad_norm_macro, "rest": stats.grad_norm_rest},
             "env_steps": int(ro.actions.numel()),
             "wall_s": time.perf_counter() - t0,
         }
+
+
+    def _update_expected(self, k: int, learn_macro: bool, sched: dict[str, float], t0: float) -> dict[str, Any]:
+        """One analytic policy-gradient step of the expected_pnl objective on B episodes at random starts."""
+        cfg = self.cfg
+        b, steps = cfg.episodes_per_update, cfg.episode_steps
+        pick = torch.randint(0, self.start_rows.numel(), (b,), generator=self.generator)
+        rows = self.start_rows[pick][:, None] + torch.arange(steps)[None, :] * cfg.decide_every
+        gap, hold = fill_returns(self.open_prices, self.close_prices, rows, cfg.decide_every)
+        flat = rows.reshape(-1)
+        stats, turnover = expected_pnl_step(
+            self.model,
+            self.opt_macro,
+            self.opt_rest,
+            macro_x=self.macro_x[flat],
+            micro_x=self.micro_x[flat],
+            gap_returns=gap,
+            hold_returns=hold,
+            mode=cfg.position_mode,
+            commission=sched["commission"],
+            learn_macro=learn_macro,
+            entropy_coef=sched["entropy_coef"],
+            grad_clip=cfg.grad_clip,
+            dropout_seed=cfg.seed * 1_000_003 + k,
+        )
+        if stats.applied:
+            self.rhythm.rest_updates += 1
+            self.rhythm.macro_updates += int(learn_macro)
+        self.rhythm.k += 1
+        return {
+            "k": k,
+            "parts": ["macro", "micro", "head"] if learn_macro else ["micro", "head"],
+            "applied": stats.applied,
+            "loss": stats.loss,
+            "mean_episode_log_return": -stats.loss * steps / 100.0,
+            "entropy": stats.entropy,
+            "p_change": stats.p_change,
+            "turnover_per_episode": turnover,
+            "commission": sched["commission"],
+            "grad_norm": {"macro": stats.grad_norm_macro, "rest": stats.grad_norm_rest},
+            "env_steps": b * steps,
+            "wall_s": time.perf_counter() - t0,
+        }
+
+
+def fill_returns(
+    open_prices: torch.Tensor, close_prices: torch.Tensor, rows: torch.Tensor, decide_every: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Simple returns (B, L) float64 of decisions at `rows` (B, L): close -> next open (earned by the position
+    before the fill) and next open -> close K candles later (earned by the position after it)."""
+    fill = open_prices[rows + 1]
+    return fill / close_prices[rows] - 1.0, close_prices[rows + decide_every] / fill - 1.0
+
+
+def expected_pnl_step(
+    model: PolicyNet,
+    opt_macro: torch.optim.Optimizer,
+    opt_rest: torch.optim.Optimizer,
+    *,
+    macro_x: torch.Tensor,
+    micro_x: torch.Tensor,
+    gap_returns: torch.Tensor,
+    hold_returns: torch.Tensor,
+    mode: str,
+    commission: float,
+    learn_macro: bool,
+    entropy_coef: float = 0.0,
+    grad_clip: float = 0.0,
+    dropout_seed: int = 0,
+) -> tuple[StepStats, float]:
+    """One step of the expected_pnl objective (offline trainer and online learner share it).
+
+    macro_x, micro_x (B*L, 3N) observations of B episodes of L decisions; gap_returns, hold_returns (B, L) as
+    `fill_returns` gives them. loss = -100 * mean expected P&L per decision (percent of equity; fees included)
+    - entropy_coef * mean entropy. MacroNet learns only when learn_macro (else it runs in eval mode without
+    autograd and its optimiser does not step). Returns the stats and the expected trades per episode. The
+    model is left in eval mode.
+    """
+    b, steps = gap_returns.shape
+    frozen = None
+    if not learn_macro:
+        model.eval()
+        with torch.no_grad():
+            frozen = model.macro(macro_x)
+    model.train()
+    opt_macro.zero_grad(set_to_none=True)
+    opt_rest.zero_grad(set_to_none=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(dropout_seed)
+        macro_emb = model.macro(macro_x) if learn_macro else frozen
+        log_probs = torch.log_softmax(head_logits_all_positions(model, macro_emb, model.micro(micro_x)), dim=-1)
+        probs = log_probs.exp()
+        pnl, turnover = expected_step_pnl(probs.reshape(b, steps, 3, 3), gap_returns, hold_returns, mode, commission)
+        entropy = -(probs * log_probs).sum(-1).mean()
+        loss = -100.0 * pnl.mean() - entropy_coef * entropy
+        loss.backward()
+    model.eval()
+    rest_params = list(model.micro.parameters()) + list(model.head.parameters())
+    macro_params = list(model.macro.parameters())
+    grad_norm_macro = _grad_norm(macro_params) if learn_macro else 0.0
+    grad_norm_rest = _grad_norm(rest_params)
+    loss_value = float(loss.detach())
+    applied = math.isfinite(loss_value) and math.isfinite(grad_norm_rest) and math.isfinite(grad_norm_macro)
+    if applied:
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(rest_params, grad_clip)
+            if learn_macro:
+                nn.utils.clip_grad_norm_(macro_params, grad_clip)
+        opt_rest.step()
+        if learn_macro:
+            opt_macro.step()
+    stats = StepStats(applied, loss_value, float(entropy.detach()), grad_norm_macro, grad_norm_rest)
+    return stats, float(turnover.detach().sum(1).mean())
 
 
 @dataclass(frozen=True)
@@ -264,6 +539,7 @@ class StepStats:
     entropy: float  # mean policy entropy over the batch, nats
     grad_norm_macro: float  # 0 when MacroNet did not learn
     grad_norm_rest: float
+    p_change: float = float("nan")  # mean probability of an action that moves the position (train mode)
 
 
 def policy_gradient_step(
@@ -275,27 +551,33 @@ def policy_gradient_step(
     micro_x: torch.Tensor,
     positions: torch.Tensor,
     actions: torch.Tensor,
-    rewards: torch.Tensor,
+    advantages: torch.Tensor,
     learn_macro: bool,
-    gamma: float,
     entropy_coef: float = 0.0,
     grad_clip: float = 0.0,
     dropout_seed: int = 0,
     frozen_macro_emb: torch.Tensor | None = None,
+    trade_floor: float = 0.0,
+    trade_floor_coef: float = 1.0,
+    change_table: torch.Tensor | None = None,
 ) -> StepStats:
     """One REINFORCE step on a batch of episodes (the offline trainer and the daemon's learner share it).
 
     macro_x, micro_x: (B*L, 3N) observations of the decisions; positions (B, L) position state before each
-    decision; actions (B, L); rewards (B, L) ln(E_{t+1}/E_t). Returns are discounted inside each episode and
-    normalised over the batch; loss = -mean(log pi(a|s) * G_hat) - entropy_coef * mean entropy. With
-    learn_macro False, MacroNet runs without autograd (eval mode: it is not learning on this step;
+    decision; actions (B, L); advantages (B, L) float32 from `strategies.objectives.advantages`.
+    loss = -mean(log pi(a|s) * A) - entropy_coef * mean entropy
+           + trade_floor_coef * mean(relu(trade_floor - p_change)), the last term only when trade_floor > 0
+           (p_change: the probability of the actions that move the position, from change_table (3, 3)).
+    With learn_macro False, MacroNet runs without autograd (eval mode: it is not learning on this step;
     `frozen_macro_emb` (B*L, 128) reuses an embedding already computed that way) and its optimiser does not
     step. A non-finite loss or gradient steps nothing. The model is left in eval mode.
     """
-    returns = discounted_returns(rewards, gamma)
-    g_hat = ((returns - returns.mean()) / (returns.std() + 1e-8)).float().reshape(-1)
+    g_hat = advantages.reshape(-1)
     positions, actions = positions.reshape(-1), actions.reshape(-1)
     n_rows = actions.numel()
+    use_floor = trade_floor > 0
+    if use_floor and change_table is None:
+        raise ValueError("a trade floor needs the change_table of the position mode")
     if frozen_macro_emb is None and not learn_macro:
         model.eval()
         with torch.no_grad():
@@ -303,7 +585,7 @@ def policy_gradient_step(
     model.train()
     opt_macro.zero_grad(set_to_none=True)
     opt_rest.zero_grad(set_to_none=True)
-    loss_sum, entropy_sum = 0.0, 0.0
+    loss_sum, entropy_sum, change_sum = 0.0, 0.0, 0.0
     # Dropout masks come from a generator keyed by the caller's seed: a resumed run draws the same masks as
     # an uninterrupted one, and the caller's global RNG is left as it was.
     with torch.random.fork_rng(devices=[]):
@@ -321,6 +603,12 @@ def policy_gradient_step(
             taken = log_probs.gather(1, actions[rows].unsqueeze(1)).squeeze(1)
             entropy = -(log_probs.exp() * log_probs).sum()
             chunk_loss = (-(taken * g_hat[rows]).sum() - entropy_coef * entropy) / n_rows
+            if change_table is not None:
+                moves = change_table[(positions[rows].long() + 1)]  # (rows, 3)
+                p_change = (log_probs.exp() * moves).sum(-1)
+                change_sum += float(p_change.detach().sum())
+                if use_floor:
+                    chunk_loss = chunk_loss + trade_floor_coef * torch.relu(trade_floor - p_change).sum() / n_rows
             chunk_loss.backward()
             loss_sum += chunk_loss.item()
             entropy_sum += entropy.item()
@@ -338,4 +626,5 @@ def policy_gradient_step(
         opt_rest.step()
         if learn_macro:
             opt_macro.step()
-    return StepStats(applied, loss_sum, entropy_sum / n_rows, grad_norm_macro, grad_norm_rest)
+    p_change_mean = change_sum / n_rows if change_table is not None else float("nan")
+    return StepStats(applied, loss_sum, entropy_sum / n_rows, grad_norm_macro, grad_norm_rest, p_change_mean)

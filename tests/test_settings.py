@@ -51,7 +51,7 @@ def test_defaults() -> None:
 
 
 def test_every_field_has_a_known_key() -> None:
-    assert len(KNOWN_KEYS) == len(fields(Settings)) == 26
+    assert len(KNOWN_KEYS) == len(fields(Settings)) == 28  # 26 + the learning guard's two floors
 
 
 def test_environment_wins_over_file(tmp_path: Path) -> None:
@@ -147,6 +147,10 @@ BAD_VALUES = [
     ("RITMO_MIN_EPISODE_STEPS", "289", "at most RITMO_EPISODE_STEPS"),
     ("RITMO_MACRO_EVERY", "0", ">= 1"),
     ("RITMO_KEEP_CHECKPOINTS", "0", ">= 1"),
+    ("RITMO_GUARD_MIN_ENTROPY", "-0.1", "[0, 1.09861)"),
+    ("RITMO_GUARD_MIN_ENTROPY", "1.2", "[0, 1.09861)"),
+    ("RITMO_GUARD_MIN_TRADE_PROB", "1", "[0, 1)"),
+    ("RITMO_GUARD_MIN_TRADE_PROB", "nan", "[0, 1)"),
     ("RITMO_SEED", "-1", ">= 0"),
     ("RITMO_SEED", "abc", ">= 0"),
     ("RITMO_TICK_DELAY_S", "241", "0 to 240"),

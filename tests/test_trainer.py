@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from strategies.objectives import discounted_returns
 from strategies.policy import PolicyNet
-from strategies.trainer import TrainConfig, Trainer, discounted_returns, is_macro_update
+from strategies.trainer import TrainConfig, Trainer, is_macro_update
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,484 @@
+"""`ritmo evaluate`: walk-forward evaluation of one training configuration, judged against baselines net of fees.
+
+For each fold (train / validate / test months, stepped forward in time) and each seed, the configuration is
+trained on the fold's training months only (the standardiser is fitted there too), its best-on-validation
+checkpoint is kept, and the policy (sampled with the seed, as the daemon acts) is backtested on the
+fold's validation months and, with `--split test`, on its test months. Beside it, at the same costs: flat,
+buy-and-hold, SMA trend rules (1d/5d and 2d/8d, long_only and long_short) and a random policy trading as
+often as the policy did. Every figure is computed at each commission of the cost sweep.
+
+Selection discipline (docs/evaluation.md): configurations are compared with `--split valid`; the test months
+of a configuration are read once (`--split test`), and the trials registry (`--trials`) counts every
+configuration x seed ever evaluated, which is the N of the deflated Sharpe ratio.
+
+Work is resumable: each (fold, seed) writes its result JSON under `--out`, and a finished one is not
+recomputed. Independent units run in `--workers` processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import structlog
+
+from bot.errors import EXIT_USAGE, RitmoError
+
+log = structlog.get_logger("ritmo.evaluate")
+
+DEFAULT_COSTS = (0.0, 0.0004, 0.001, 0.002)
+SMA_RULES = (("sma_1d_5d", 288, 1440), ("sma_2d_8d", 576, 2304))
+DAY_MS = 86_400_000
+
+
+class EvaluateError(RitmoError):
+    """The evaluation cannot run as asked: bad fold spec, too little data, bad configuration."""
+
+    exit_code = EXIT_USAGE
+
+
+@dataclass(frozen=True)
+class FoldSpec:
+    """Lengths in calendar months: train, validate, test, and the step between two folds."""
+
+    train_months: int
+    valid_months: int
+    test_months: int
+    step_months: int
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One walk-forward fold; periods are [from_ms, to_ms) in UTC milliseconds."""
+
+    index: int
+    train: tuple[int, int]
+    valid: tuple[int, int]
+    test: tuple[int, int]
+
+    def period(self, split: str) -> tuple[int, int]:
+        """The valid or test period."""
+        return self.valid if split == "valid" else self.test
+
+
+def parse_fold_spec(text: str) -> FoldSpec:
+    """'24/3/3/3' -> FoldSpec(train 24, valid 3, test 3, step 3 months); EvaluateError on anything else."""
+    parts = text.replace(",", "/").split("/")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 4 or min(values) < 1:
+        raise EvaluateError(f"--folds {text!r}: expected TRAIN/VALID/TEST/STEP in whole months >= 1, e.g. 24/3/3/3")
+    return FoldSpec(*values)
+
+
+def _month_start(ts_ms: int) -> pd.Timestamp:
+    """The first UTC month boundary at or after ts_ms."""
+    t = pd.Timestamp(ts_ms, unit="ms", tz="UTC")
+    first = t.normalize().replace(day=1)
+    return first if first == t else first + pd.DateOffset(months=1)
+
+
+def _ms(t: pd.Timestamp) -> int:
+    return int(t.value // 1_000_000)
+
+
+def make_folds(first_ts_ms: int, end_ms: int, spec: FoldSpec, max_folds: int | None = None) -> list[Fold]:
+    """Folds whose training starts at the first month boundary of the data and whose test ends by end_ms,
+    stepped by spec.step_months; EvaluateError when not even one fits."""
+    start = _month_start(first_ts_ms)
+    folds: list[Fold] = []
+    while max_folds is None or len(folds) < max_folds:
+        s = start + pd.DateOffset(months=spec.step_months * len(folds))
+        tr_end = s + pd.DateOffset(months=spec.train_months)
+        va_end = tr_end + pd.DateOffset(months=spec.valid_months)
+        te_end = va_end + pd.DateOffset(months=spec.test_months)
+        if _ms(te_end) > end_ms:
+            break
+        folds.append(Fold(len(folds), (_ms(s), _ms(tr_end)), (_ms(tr_end), _ms(va_end)), (_ms(va_end), _ms(te_end))))
+    if not folds:
+        months = spec.train_months + spec.valid_months + spec.test_months
+        raise EvaluateError(
+            f"too little data for one fold: {months} months are needed from {start.date()}, "
+            f"the data ends {pd.Timestamp(end_ms, unit='ms', tz='UTC').date()}"
+        )
+    return folds
+
+
+# --- the configuration and the trials registry ------------------------------------------------------------
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    """A short stable hash of a training configuration without its seed (which evaluate varies)."""
+    body = json.dumps({k: v for k, v in sorted(cfg.items()) if k != "seed"}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:10]
+
+
+def read_trials(path: Path) -> list[dict[str, Any]]:
+    """The registry's lines (one per evaluation run); [] when the file does not exist yet."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def count_trials(trials: list[dict[str, Any]]) -> int:
+    """Configurations x seeds tried: every seed of every distinct configuration evaluated on validation."""
+    seeds: dict[str, set[int]] = {}
+    for t in trials:
+        seeds.setdefault(t["config_hash"], set()).update(int(s) for s in t["seeds"])
+    return sum(len(s) for s in seeds.values())
+
+
+# --- one (fold, seed) unit, run in a worker process ----------------------------------------------------
+
+_DATA_CACHE: dict[str, Any] = {}
+
+
+def _load(data_paths: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """Candles and features of the data files, cached per process (each worker loads them once)."""
+    key = "|".join(data_paths)
+    if key not in _DATA_CACHE:
+        from bot.candle_files import load_candle_files
+        from strategies.features import compute_features
+
+        candles = load_candle_files(data_paths)
+        _DATA_CACHE.clear()
+        _DATA_CACHE[key] = (candles, compute_features(candles))
+    return _DATA_CACHE[key]
+
+
+def policy_figures(result: Any, commission: float) -> dict[str, Any]:
+    """The figures kept of one backtest: metrics, trade statistics and the daily log returns."""
+    from strategies.evaluation import daily_log_returns, trade_stats
+
+    days, daily = daily_log_returns(result.equity_ts_ms, result.policy_equity)
+    out = result.policy.to_dict()
+    out.update(
+        trade_stats(
+            result.equity_ts_ms,
+            result.policy_equity,
+            result.positions,
+            result.policy.fees_quote,
+            result.policy.n_trades,
+            commission,
+        )
+    )
+    out["daily"] = {"day_ms": days.tolist(), "log_return": daily.tolist()}
+    return out
+
+
+def run_unit(task: dict[str, Any]) -> dict[str, Any]:
+    """Train one seed on one fold, then backtest its best-on-validation policy at every cost; cached as JSON."""
+    out_dir = Path(task["dir"])
+    done = out_dir / "result.json"
+    previous = json.loads(done.read_text()) if done.exists() else None
+    if previous is not None and set(task["splits"]) <= set(previous["splits"]):
+        return previous
+    import torch
+
+    from bot.backtesting import backtest_period
+    from bot.checkpoints import load_checkpoint
+    from bot.training import fit
+    from strategies.backtest import period_rows, run_actions
+    from strategies.evaluation import random_turnover_actions, switch_prob_for_trades
+    from strategies.features import build_observations
+    from strategies.objectives import is_decision_candle
+    from strategies.trainer import TrainConfig
+
+    torch.set_num_threads(int(task["threads"]))
+    candles, features = _load(task["data"])
+    cfg = TrainConfig.from_dict({**task["config"], "seed": int(task["seed"])})
+    fold = Fold(task["fold"], tuple(task["train"]), tuple(task["valid"]), tuple(task["test"]))  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = out_dir / "model.pt"
+    if previous is not None and ckpt.with_suffix(".best.pt").exists():
+        # trained already (an earlier run read fewer splits): only the missing splits are backtested
+        summary = {k: previous[k] for k in ("train_seconds", "best_valid_score")}
+        summary["best"] = str(ckpt.with_suffix(".best.pt"))
+    else:
+        for stale in (ckpt, ckpt.with_suffix(".best.pt"), ckpt.with_suffix(".metrics.jsonl")):
+            stale.unlink(missing_ok=True)  # an interrupted unit restarts from scratch: its seed fixes everything
+        summary = fit(
+            cfg,
+            candles,
+            features,
+            fold.train,
+            fold.valid,
+            out=ckpt,
+            validate_every=task["validate_every"],
+            data_label=" ".join(task["data"]),
+        )
+    bundle = load_checkpoint(summary["best"])
+    obs = build_observations(features, bundle.standardizer, bundle.macro_window, bundle.micro_window)
+    ts = candles["ts_ms"].to_numpy()
+    result: dict[str, Any] = {
+        "fold": fold.index,
+        "seed": int(task["seed"]),
+        "train_seconds": summary["train_seconds"],
+        "best_valid_score": summary["best_valid_score"],
+        "best_k": bundle.rhythm.get("k"),
+        "splits": {},
+    }
+    for split in task["splits"]:
+        lo, hi = fold.period(split)
+        i0, i1 = period_rows(ts, lo, hi)
+        decisions = int(np.count_nonzero(is_decision_candle(ts[i0:i1] - 300_000, bundle.decide_every)))
+        per_cost = {}
+        for cost in task["costs"]:
+            res = backtest_period(bundle, candles, obs, lo, hi, greedy=False, seed=int(task["seed"]), commission=cost)
+            pol = policy_figures(res, cost)
+            # A random policy trading as often as this one did, on the same decision grid and at the same cost.
+            p_switch = switch_prob_for_trades(res.policy.n_trades, max(decisions, 1))
+            rnd_actions = random_turnover_actions(i1 - i0, p_switch, bundle.position_mode, int(task["seed"]))
+            grid = np.asarray(is_decision_candle(ts[i0:i1] - 300_000, bundle.decide_every))
+            rnd_actions = np.where(grid, rnd_actions, 0)
+            rnd = run_actions(
+                rnd_actions,
+                ts[i0:i1],
+                candles["open"].to_numpy()[i0:i1],
+                candles["close"].to_numpy()[i0:i1],
+                mode=bundle.position_mode,
+                commission=cost,
+            )
+            per_cost[str(cost)] = {"policy": pol, "random": policy_figures(rnd, cost)}
+        result["splits"][split] = per_cost
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, done)
+    return result
+
+
+def baseline_figures(
+    candles: pd.DataFrame, period: tuple[int, int], mode: str, costs: list[float]
+) -> dict[str, dict[str, Any]]:
+    """Flat, buy-and-hold and the SMA rules over one period at each cost: {cost: {name: figures}}."""
+    from strategies.backtest import period_rows, run_actions
+    from strategies.evaluation import sma_rule_actions
+
+    ts = candles["ts_ms"].to_numpy()
+    i0, i1 = period_rows(ts, *period)
+    opens, closes = candles["open"].to_numpy(), candles["close"].to_numpy()
+    out: dict[str, dict[str, Any]] = {}
+    for cost in costs:
+        row: dict[str, Any] = {}
+        for name, fast, slow in SMA_RULES:
+            for rule_mode in ("long_only", "long_short"):
+                # the rule sees all history before the period (closes <= each decision candle only)
+                actions = sma_rule_actions(closes[: i1 - 1], fast, slow, rule_mode)[i0 - 1 : i1 - 1]
+                res = run_actions(actions, ts[i0:i1], opens[i0:i1], closes[i0:i1], mode=rule_mode, commission=cost)
+                row[f"{name}_{rule_mode}"] = policy_figures(res, cost)
+        hold = run_actions(np.full(i1 - i0, 1), ts[i0:i1], opens[i0:i1], closes[i0:i1], mode=mode, commission=cost)
+        row["buy_and_hold"] = policy_figures(hold, cost)
+        flat = run_actions(np.zeros(i1 - i0), ts[i0:i1], opens[i0:i1], closes[i0:i1], mode=mode, commission=cost)
+        row["flat"] = policy_figures(flat, cost)
+        out[str(cost)] = row
+    return out
+
+
+# --- the command -----------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `ritmo evaluate`."""
+    p.add_argument("--data", type=Path, nargs="+", required=True, help="candle file(s) of one market, in any order")
+    p.add_argument("--config", type=Path, help="JSON of TrainConfig fields (the rest take their defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one TrainConfig field")
+    p.add_argument("--name", help="a name for the configuration in the report and the registry")
+    p.add_argument("--note", default="", help="why this configuration is tried (kept in the registry)")
+    p.add_argument("--folds", default="24/3/3/3", help="TRAIN/VALID/TEST/STEP months (default 24/3/3/3)")
+    p.add_argument("--max-folds", type=int, help="evaluate only the first N folds")
+    p.add_argument("--last-folds", type=int, help="evaluate only the last N folds")
+    p.add_argument("--until", help="the data used ends here, exclusive (UTC date); default: the end of the data")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per fold (>= 1; the issue asks for at least 5)")
+    p.add_argument(
+        "--costs", default=",".join(str(c) for c in DEFAULT_COSTS), help="commissions per side for the cost sweep"
+    )
+    p.add_argument("--split", choices=("valid", "test"), default="valid", help="valid: selection; test: read once")
+    p.add_argument("--reread-test", action="store_true", help="allow reading a configuration's test folds again")
+    p.add_argument("--validate-every", type=int, default=50, help="updates between validations inside training")
+    p.add_argument("--workers", type=int, default=max(1, min(os.cpu_count() or 1, 4)), help="parallel processes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--trials", type=Path, default=Path("docs/evaluation-trials.jsonl"), help="the trials registry")
+    p.add_argument("--no-record", action="store_true", help="do not append this run to the trials registry")
+    p.add_argument("--out", type=Path, required=True, help="folder for report.md, results.json, PNGs, unit caches")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig dict: --config file, then --set overrides; validated, EvaluateError on a bad one."""
+    from strategies.trainer import TrainConfig
+
+    cfg: dict[str, Any] = {}
+    if args.config:
+        try:
+            cfg = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EvaluateError(f"--config {args.config}: {exc}") from None
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise EvaluateError(f"--set {item!r}: expected KEY=VALUE")
+        cfg[key.strip()] = _parse_value(value.strip())
+    unknown = sorted(set(cfg) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        raise EvaluateError(f"unknown configuration field(s): {', '.join(unknown)}")
+    try:
+        full = TrainConfig.from_dict(cfg)
+        full.validate()
+    except (TypeError, ValueError) as exc:
+        raise EvaluateError(f"configuration: {exc}") from None
+    return full.to_dict()
+
+
+def _costs(text: str) -> list[float]:
+    try:
+        costs = [float(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        costs = []
+    if not costs or any(not 0 <= c < 0.05 for c in costs):
+        raise EvaluateError(f"--costs {text!r}: expected commas between fractions in [0, 0.05), e.g. 0,0.001")
+    return costs
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `ritmo evaluate`."""
+    from strategies.candles import parse_utc_date_ms
+
+    spec = parse_fold_spec(args.folds)
+    costs = _costs(args.costs)
+    if args.seeds < 1 or args.workers < 1 or args.threads < 1 or args.validate_every < 1:
+        raise EvaluateError("--seeds, --workers, --threads and --validate-every must be >= 1")
+    cfg = load_config(args)
+    name = args.name or f"{cfg['objective']}-{cfg['position_mode']}-k{cfg['decide_every']}-{config_hash(cfg)}"
+    chash = config_hash(cfg)
+    trials = read_trials(args.trials)
+    if (
+        args.split == "test"
+        and not args.reread_test
+        and any(t["config_hash"] == chash and t["split"] == "test" for t in trials)
+    ):
+        raise EvaluateError(
+            f"the test folds of configuration {chash} ({name}) were read already ({args.trials}); "
+            "test folds are read once (--reread-test overrides, and is recorded)"
+        )
+    data = [str(p) for p in args.data]
+    candles, _ = _load(data)
+    end_ms = int(candles["ts_ms"].iloc[-1]) + 300_000
+    if args.until:
+        try:
+            end_ms = min(end_ms, parse_utc_date_ms(args.until))
+        except ValueError as exc:
+            raise EvaluateError(f"--until: {exc}") from None
+    folds = make_folds(int(candles["ts_ms"].iloc[0]), end_ms, spec, args.max_folds)
+    if args.last_folds:
+        folds = folds[-args.last_folds :]
+    splits = ["valid"] if args.split == "valid" else ["valid", "test"]
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = [
+        {
+            "dir": str(out / "units" / f"{chash}-fold{f.index}-seed{s}"),
+            "data": data,
+            "config": cfg,
+            "seed": s,
+            "fold": f.index,
+            "train": list(f.train),
+            "valid": list(f.valid),
+            "test": list(f.test),
+            "splits": splits,
+            "costs": costs,
+            "validate_every": args.validate_every,
+            "threads": args.threads,
+        }
+        for f in folds
+        for s in range(args.seeds)
+    ]
+    log.info("evaluate_start", name=name, config_hash=chash, folds=len(folds), seeds=args.seeds, split=args.split)
+    results = _run_all(tasks, args.workers, progress=not args.no_progress)
+    baselines = {
+        split: {f.index: baseline_figures(candles, f.period(split), cfg["position_mode"], costs) for f in folds}
+        for split in splits
+    }
+    n_trials_before = count_trials(trials)
+    record = {
+        "time_utc": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
+        "name": name,
+        "config_hash": chash,
+        "config": cfg,
+        "split": args.split,
+        "folds": args.folds,
+        "fold_indices": [f.index for f in folds],
+        "seeds": list(range(args.seeds)),
+        "note": args.note,
+        "out": str(out),
+    }
+    from bot.evaluation_report import build_report
+
+    report = build_report(
+        name=name,
+        config=cfg,
+        folds=folds,
+        splits=splits,
+        costs=costs,
+        results=results,
+        baselines=baselines,
+        n_trials=n_trials_before + (0 if any(t["config_hash"] == chash for t in trials) else args.seeds),
+        trial_srs=[sr for t in trials for sr in t.get("valid_daily_sr", [])],
+        out=out,
+    )
+    record["valid_daily_sr"] = report["pooled"]["valid"][str(cfg["commission"])]["policy"]["daily_sr_per_seed"]
+    record["summary"] = report["headline"]
+    if not args.no_record:
+        args.trials.parent.mkdir(parents=True, exist_ok=True)
+        with args.trials.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+    print(json.dumps({"out": str(out), "report": str(out / "report.md"), **report["headline"]}, default=str))
+    return 0
+
+
+def _run_all(tasks: list[dict[str, Any]], workers: int, progress: bool) -> list[dict[str, Any]]:
+    """Run the units, in parallel processes when workers > 1, with a progress bar; results in task order."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), unit="run", file=sys.stderr, disable=not (progress and sys.stderr.isatty()))
+    results: list[dict[str, Any] | None] = [None] * len(tasks)
+    if workers == 1:
+        for i, t in enumerate(tasks):
+            results[i] = run_unit(t)
+            bar.update(1)
+    else:
+        # spawn: a clean interpreter per worker (torch and forked OpenMP threads do not mix)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(run_unit, t): i for i, t in enumerate(tasks)}
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                bar.update(1)
+    bar.close()
+    return [r for r in results if r is not None]
+
+
+def finite(x: float | None) -> float | None:
+    """x if it is a finite number, else None (JSON null)."""
+    return x if x is not None and math.isfinite(x) else None
