@@ -121,9 +121,15 @@ def make_folds(first_ts_ms: int, end_ms: int, spec: FoldSpec, max_folds: int | N
 # --- the configuration and the trials registry ------------------------------------------------------------
 
 
+# Fields added to TrainConfig after the first registry entries: hashed only when set, so the hashes of the
+# configurations recorded before them stay what they were.
+_LATER_FIELDS = {"risk_aversion": 0.0}
+
+
 def config_hash(cfg: dict[str, Any]) -> str:
     """A short stable hash of a training configuration without its seed (which evaluate varies)."""
-    body = json.dumps({k: v for k, v in sorted(cfg.items()) if k != "seed"}, sort_keys=True)
+    kept = {k: v for k, v in cfg.items() if k != "seed" and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+    body = json.dumps(dict(sorted(kept.items())), sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:10]
 
 

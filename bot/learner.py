@@ -343,6 +343,7 @@ class OnlineLearner:
                 entropy_coef=sched["entropy_coef"],
                 grad_clip=cfg.grad_clip,
                 dropout_seed=dropout_seed(self.seed, k),
+                risk_aversion=cfg.risk_aversion,
             )
             return stats
         generator = torch.Generator().manual_seed(rollout_seed(self.seed, k))

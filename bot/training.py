@@ -93,6 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trade-floor", type=float, default=d.trade_floor, help="min p(change position) exploring")
     p.add_argument("--trade-floor-coef", type=float, default=d.trade_floor_coef, help="weight of the floor")
     p.add_argument("--explore-updates", type=int, default=d.explore_updates, help="length of the schedules")
+    p.add_argument("--risk-aversion", type=float, default=d.risk_aversion, help="expected_pnl variance penalty")
     p.add_argument("--validate-every", type=int, default=100, help="V: updates between validation backtests")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")

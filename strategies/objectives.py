@@ -202,6 +202,7 @@ def expected_step_pnl(
     hold_returns: torch.Tensor,
     mode: str,
     commission: float,
+    risk_aversion: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Expected P&L per decision (B, L) of a policy that samples its actions, as a differentiable function of
     its probabilities: the `expected_pnl` objective.
@@ -214,6 +215,10 @@ def expected_step_pnl(
     + sum_s' q_{t+1}(s') s' hold_t - commission * sum_s q_t(s) sum_a pi(a|s) |target(a, s) - s|.
     Returns are simple returns of equity fractions (no compounding inside a step); the fee term is the exact
     expected turnover of the sampled positions, so a policy that dithers pays for it here as it would live.
+    risk_aversion lambda subtracts lambda * E[p_{t+1}^2] * hold_t^2, the step's variance with the realised
+    squared return as its estimate: lambda = 0.5 makes each step the second-order expansion of the expected
+    log growth, E[ln(1 + p r)] ~ E[p] r - E[p^2] r^2 / 2 (the Kelly criterion), so holding through wild
+    hours must be paid for by their expected return.
     Returns (expected P&L (B, L), expected turnover (B, L) as a fraction of equity), float64.
     """
     lead, turnover = position_transitions(mode)
@@ -228,6 +233,8 @@ def expected_step_pnl(
         moved = (q * (pt * turnover).sum(-1)).sum(-1)
         q_next = torch.einsum("bs,bsa,sat->bt", q, pt, lead)
         pnl = (q @ states) * gap_returns[:, t] + (q_next @ states) * hold_returns[:, t]
+        if risk_aversion:
+            pnl = pnl - risk_aversion * (q_next @ states**2) * hold_returns[:, t] ** 2
         out.append(pnl - commission * moved)
         traded.append(moved)
         q = q_next

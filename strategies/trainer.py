@@ -105,6 +105,8 @@ class TrainConfig:
     """weight of the trade-floor hinge penalty in the loss"""
     explore_updates: int = 0
     """length of the exploration schedules (entropy, trade floor); 0 = their start values throughout"""
+    risk_aversion: float = 0.0
+    """expected_pnl: lambda of the variance penalty lambda * E[p^2] r^2 per step (0.5 = second-order log growth)"""
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -136,6 +138,8 @@ class TrainConfig:
         for name in ("cost_curriculum_updates", "explore_updates"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.risk_aversion < 0 or (self.risk_aversion and self.objective != "expected_pnl"):
+            raise ValueError("risk_aversion must be >= 0, and only the expected_pnl objective uses it")
         if not (self.vol_target > 0 and 0 < self.dsr_eta < 1):
             raise ValueError("vol_target must be > 0 and dsr_eta in (0, 1)")
 
@@ -439,6 +443,7 @@ class Trainer:
             entropy_coef=sched["entropy_coef"],
             grad_clip=cfg.grad_clip,
             dropout_seed=cfg.seed * 1_000_003 + k,
+            risk_aversion=cfg.risk_aversion,
         )
         if stats.applied:
             self.rhythm.rest_updates += 1
@@ -484,6 +489,7 @@ def expected_pnl_step(
     entropy_coef: float = 0.0,
     grad_clip: float = 0.0,
     dropout_seed: int = 0,
+    risk_aversion: float = 0.0,
 ) -> tuple[StepStats, float]:
     """One step of the expected_pnl objective (offline trainer and online learner share it).
 
@@ -507,7 +513,9 @@ def expected_pnl_step(
         macro_emb = model.macro(macro_x) if learn_macro else frozen
         log_probs = torch.log_softmax(head_logits_all_positions(model, macro_emb, model.micro(micro_x)), dim=-1)
         probs = log_probs.exp()
-        pnl, turnover = expected_step_pnl(probs.reshape(b, steps, 3, 3), gap_returns, hold_returns, mode, commission)
+        pnl, turnover = expected_step_pnl(
+            probs.reshape(b, steps, 3, 3), gap_returns, hold_returns, mode, commission, risk_aversion
+        )
         entropy = -(probs * log_probs).sum(-1).mean()
         loss = -100.0 * pnl.mean() - entropy_coef * entropy
         loss.backward()

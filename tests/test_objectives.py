@@ -180,3 +180,14 @@ def test_expected_pnl_tracks_the_ledger_to_first_order() -> None:
     pnl, _ = expected_step_pnl(probs, gap.double(), hold.double(), "long_only", 0.001)
     assert float(pnl[0, 0]) == pytest.approx(math.log(e1), abs=1e-6)
     assert float(pnl[0, 1]) == pytest.approx(math.log(e2 / e1), abs=1e-5)
+
+
+def test_risk_aversion_charges_the_held_variance() -> None:
+    """lambda * E[p^2] * r^2 per step: a long_short position pays it whichever side it holds."""
+    probs = torch.stack([_probs(0.5, 0.25, 0.25)])[None]  # from flat: long 0.25, short 0.25
+    gap = torch.zeros(1, 1, dtype=torch.float64)
+    hold = torch.tensor([[0.02]], dtype=torch.float64)
+    plain, _ = expected_step_pnl(probs, gap, hold, "long_short", 0.0)
+    averse, _ = expected_step_pnl(probs, gap, hold, "long_short", 0.0, risk_aversion=0.5)
+    assert float(plain[0, 0]) == pytest.approx(0.0)  # the two sides cancel in expectation
+    assert float(averse[0, 0]) == pytest.approx(-0.5 * 0.5 * 0.02**2)  # E[p^2] = 0.5
