@@ -222,6 +222,34 @@ def _grad_norm(params: list[nn.Parameter]) -> float:
     return float(torch.cat(grads).norm()) if grads else 0.0
 
 
+def apply_gradients(
+    model: PolicyNet,
+    opt_macro: torch.optim.Optimizer,
+    opt_rest: torch.optim.Optimizer,
+    loss_value: float,
+    *,
+    learn_macro: bool,
+    grad_clip: float,
+) -> tuple[bool, float, float]:
+    """Step the optimisers on the gradients a backward pass left, under the rhythm: (applied, norm macro, norm
+    rest). Nothing steps when the loss or a gradient norm is not finite. The model is left in eval mode."""
+    model.eval()
+    rest_params = list(model.micro.parameters()) + list(model.head.parameters())
+    macro_params = list(model.macro.parameters())
+    grad_norm_macro = _grad_norm(macro_params) if learn_macro else 0.0
+    grad_norm_rest = _grad_norm(rest_params)
+    applied = math.isfinite(loss_value) and math.isfinite(grad_norm_rest) and math.isfinite(grad_norm_macro)
+    if applied:
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(rest_params, grad_clip)
+            if learn_macro:
+                nn.utils.clip_grad_norm_(macro_params, grad_clip)
+        opt_rest.step()
+        if learn_macro:
+            opt_macro.step()
+    return applied, grad_norm_macro, grad_norm_rest
+
+
 @torch.no_grad()
 def sample_rollout(
     model: PolicyNet,
@@ -519,21 +547,10 @@ def expected_pnl_step(
         entropy = -(probs * log_probs).sum(-1).mean()
         loss = -100.0 * pnl.mean() - entropy_coef * entropy
         loss.backward()
-    model.eval()
-    rest_params = list(model.micro.parameters()) + list(model.head.parameters())
-    macro_params = list(model.macro.parameters())
-    grad_norm_macro = _grad_norm(macro_params) if learn_macro else 0.0
-    grad_norm_rest = _grad_norm(rest_params)
     loss_value = float(loss.detach())
-    applied = math.isfinite(loss_value) and math.isfinite(grad_norm_rest) and math.isfinite(grad_norm_macro)
-    if applied:
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(rest_params, grad_clip)
-            if learn_macro:
-                nn.utils.clip_grad_norm_(macro_params, grad_clip)
-        opt_rest.step()
-        if learn_macro:
-            opt_macro.step()
+    applied, grad_norm_macro, grad_norm_rest = apply_gradients(
+        model, opt_macro, opt_rest, loss_value, learn_macro=learn_macro, grad_clip=grad_clip
+    )
     stats = StepStats(applied, loss_value, float(entropy.detach()), grad_norm_macro, grad_norm_rest)
     return stats, float(turnover.detach().sum(1).mean())
 
@@ -620,19 +637,8 @@ def policy_gradient_step(
             chunk_loss.backward()
             loss_sum += chunk_loss.item()
             entropy_sum += entropy.item()
-    model.eval()
-    rest_params = list(model.micro.parameters()) + list(model.head.parameters())
-    macro_params = list(model.macro.parameters())
-    grad_norm_macro = _grad_norm(macro_params) if learn_macro else 0.0
-    grad_norm_rest = _grad_norm(rest_params)
-    applied = math.isfinite(loss_sum) and math.isfinite(grad_norm_rest) and math.isfinite(grad_norm_macro)
-    if applied:
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(rest_params, grad_clip)
-            if learn_macro:
-                nn.utils.clip_grad_norm_(macro_params, grad_clip)
-        opt_rest.step()
-        if learn_macro:
-            opt_macro.step()
+    applied, grad_norm_macro, grad_norm_rest = apply_gradients(
+        model, opt_macro, opt_rest, loss_sum, learn_macro=learn_macro, grad_clip=grad_clip
+    )
     p_change_mean = change_sum / n_rows if change_table is not None else float("nan")
     return StepStats(applied, loss_sum, entropy_sum / n_rows, grad_norm_macro, grad_norm_rest, p_change_mean)
