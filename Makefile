@@ -18,10 +18,11 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 # Replays the daemon (same tick code as live paper trading) over the last two months of the 2024 data with
-# the shipped default checkpoint and online learning on, then prints `ritmo status`.
+# the shipped default checkpoint and online learning on, then prints `ritmo status`. The default decides every
+# 48 candles (4 hours): episodes of 84 decisions (two weeks, as in its training) give about four online updates.
 demo: venv
 	rm -rf $(DEMO_STATE)
-	RITMO_LOG_FORMAT=console $(PY) -m bot run --replay $(DATA) --from 2024-11-01 --to 2025-01-01 --speed max \
+	RITMO_LOG_FORMAT=console RITMO_EPISODE_STEPS=84 RITMO_MIN_EPISODE_STEPS=24 $(PY) -m bot run --replay $(DATA) --from 2024-11-01 --to 2025-01-01 --speed max \
 		--seed 1 --state-dir $(DEMO_STATE) --checkpoint checkpoints/default.pt --online-learning
 	$(PY) -m bot status --state-dir $(DEMO_STATE) --mode replay
 
@@ -58,9 +59,12 @@ evaluation: venv
 	$(EVALUATE) --split test --reread-test --config configs/default-long-only.json --name default-long-only \
 		--out $(EVAL_OUT)/default-long-only
 	$(EVALUATE) --split test --reread-test --config configs/default.json --name default --out $(EVAL_OUT)/default
-	$(EVALUATE) --split valid --config configs/default-long-only.json --set schedule='"symmetric"' \
+	$(EVALUATE) --split test --reread-test --config configs/lo-exp-k12.json --name lo-exp-k12 --out $(EVAL_OUT)/lo-exp-k12
+	$(EVALUATE) --split test --reread-test --config configs/lo-exp-k12.json --set position_mode='"long_short"' \
+		--name ls-exp-k12 --out $(EVAL_OUT)/ls-exp-k12
+	$(EVALUATE) --split valid --config configs/lo-exp-k12.json --set schedule='"symmetric"' \
 		--name lo-exp-k12-symmetric --out $(EVAL_OUT)/lo-exp-k12-symmetric
-	for n in default-long-only default lo-exp-k12-symmetric; do mkdir -p docs/evaluation/$$n; \
+	for n in default-long-only default lo-exp-k12 ls-exp-k12 lo-exp-k12-symmetric; do mkdir -p docs/evaluation/$$n; \
 		cp $(EVAL_OUT)/$$n/report.md $(EVAL_OUT)/$$n/results.json $(EVAL_OUT)/$$n/*.png docs/evaluation/$$n/; done
 	$(MAKE) evaluation-doc
 

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -186,11 +187,25 @@ def policy_figures(result: Any, commission: float) -> dict[str, Any]:
     return out
 
 
+def unit_name(chash: str, fold: Fold, seed: int) -> str:
+    """The cache folder of one (configuration, fold, seed): named by the fold's own dates, not its index, so a
+    different fold spec never reuses a unit trained on other months."""
+    bounds = (fold.train[0], fold.valid[0], fold.test[0], fold.test[1])  # train | valid | test | end
+    days = "-".join(pd.Timestamp(ms, unit="ms", tz="UTC").strftime("%Y%m%d") for ms in bounds)
+    return f"{chash}-{days}-seed{seed}"
+
+
+def _periods(task: dict[str, Any]) -> list[list[int]]:
+    return [list(task["train"]), list(task["valid"]), list(task["test"])]
+
+
 def run_unit(task: dict[str, Any]) -> dict[str, Any]:
     """Train one seed on one fold, then backtest its best-on-validation policy at every cost; cached as JSON."""
     out_dir = Path(task["dir"])
     done = out_dir / "result.json"
     previous = json.loads(done.read_text()) if done.exists() else None
+    if previous is not None and previous.get("periods") != _periods(task):
+        raise EvaluateError(f"{out_dir}: cached for other periods than fold {task['fold']}; remove it to recompute")
     if previous is not None and set(task["splits"]) <= set(previous["splits"]):
         return previous
     import torch
@@ -232,6 +247,7 @@ def run_unit(task: dict[str, Any]) -> dict[str, Any]:
     obs = build_observations(features, bundle.standardizer, bundle.macro_window, bundle.micro_window)
     ts = candles["ts_ms"].to_numpy()
     result: dict[str, Any] = {
+        "periods": _periods(task),
         "fold": fold.index,
         "seed": int(task["seed"]),
         "train_seconds": summary["train_seconds"],
@@ -405,7 +421,7 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tasks = [
         {
-            "dir": str(out / "units" / f"{chash}-fold{f.index}-seed{s}"),
+            "dir": str(out / "units" / unit_name(chash, f, s)),
             "data": data,
             "config": cfg,
             "seed": s,
@@ -476,13 +492,28 @@ def _run_all(tasks: list[dict[str, Any]], workers: int, progress: bool) -> list[
             bar.update(1)
     else:
         # spawn: a clean interpreter per worker (torch and forked OpenMP threads do not mix)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
             futures = {pool.submit(run_unit, t): i for i, t in enumerate(tasks)}
             for fut in as_completed(futures):
                 results[futures[fut]] = fut.result()
                 bar.update(1)
+        except BaseException:
+            # Interrupted or failed: stop the workers now, or they would go on training queued units alone.
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        pool.shutdown()
     bar.close()
     return [r for r in results if r is not None]
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def finite(x: float | None) -> float | None:

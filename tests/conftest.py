@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -39,30 +40,39 @@ def candles_2024(data_path: Path) -> pd.DataFrame:
     return df
 
 
-@pytest.fixture
-def isolated_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """For tests that run `ritmo` in-process: no RITMO_* from the environment, cwd in tmp_path; logging,
-    signal handlers, torch threads and `random` (retry jitter, seeded here) restored afterwards."""
+@contextlib.contextmanager
+def process_isolation(mp: pytest.MonkeyPatch, cwd: Path) -> Iterator[None]:
+    """Run `ritmo` in-process: no RITMO_* from the environment, cwd changed; logging, signal handlers, torch
+    threads and `random` (retry jitter, seeded here) restored afterwards."""
     for key in list(os.environ):
         if key.startswith("RITMO_") or key in ("NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY"):
-            monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
+            mp.delenv(key)
+    mp.chdir(cwd)
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     threads = torch.get_num_threads()
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     state = random.getstate()
     random.seed(20241201)
-    yield
-    random.setstate(state)
-    for s, h in previous.items():
-        signal.signal(s, h)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.getLogger("apscheduler").setLevel(logging.NOTSET)
-    structlog.reset_defaults()
-    structlog.contextvars.clear_contextvars()
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+        for s, h in previous.items():
+            signal.signal(s, h)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.getLogger("apscheduler").setLevel(logging.NOTSET)
+        structlog.reset_defaults()
+        structlog.contextvars.clear_contextvars()
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def isolated_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """For tests that run `ritmo` in-process, in tmp_path (see process_isolation)."""
+    with process_isolation(monkeypatch, tmp_path):
+        yield
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The decision interval in the daemon: a checkpoint with decide_every K decides only on decision candles.
 
-Checkpoints here are checkpoints/default.pt with decide_every = 12 and its decision head's last bias pushed
+Checkpoints here are checkpoints/card-exact.pt (a frozen reference) with decide_every = 12 and its decision head's last bias pushed
 away from HOLD (the shipped policy never trades, and these tests must see trades).
 """
 
@@ -10,10 +10,7 @@ import contextlib
 import dataclasses
 import io
 import json
-import logging
 import math
-import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +18,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import structlog
 import torch
 
 from bot.backtesting import backtest_period
@@ -32,6 +28,7 @@ from strategies.candles import CANDLE_MS, parse_utc_date_ms
 from strategies.features import build_observations, compute_features
 from strategies.objectives import ex_ante_volatility, is_decision_candle
 from strategies.trainer import TrainConfig
+from tests.conftest import process_isolation
 from tests.test_daemon import replay_daemon, run_ticks, weights
 from tests.test_replay import REPO, replay_args
 
@@ -40,9 +37,9 @@ DEC1 = parse_utc_date_ms("2024-12-01")
 
 
 def interval_checkpoint(path: Path, decide_every: int = K, bias_shift: float = 10.0, **train: Any) -> Path:
-    """checkpoints/default.pt deciding every `decide_every` candles, with HOLD made less likely (so it trades);
+    """checkpoints/card-exact.pt deciding every `decide_every` candles, with HOLD made less likely (so it trades);
     `train` overrides fields of its train_config (objective, group_size, ...)."""
-    bundle = load_checkpoint(REPO / "checkpoints" / "default.pt")
+    bundle = load_checkpoint(REPO / "checkpoints" / "card-exact.pt")
     with torch.no_grad():
         bundle.model.head.net[-1].bias.add_(torch.tensor([-bias_shift, bias_shift, bias_shift]))
     config = {**bundle.train_config, **train}
@@ -84,28 +81,11 @@ DATE_FROM, DATE_TO, SEED = "2024-12-01", "2024-12-04", 5
 
 @contextlib.contextmanager
 def in_process(cwd: Path) -> Iterator[io.StringIO]:
-    """Run `ritmo` in-process for a module-scoped fixture (tests/conftest.py's isolated_process is per test):
-    no RITMO_* settings, cwd changed, stdout captured; logging, torch threads and signals restored after."""
-    root = logging.getLogger()
-    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    """Run `ritmo` in-process for a module-scoped fixture (the conftest's isolated_process is per test), with
+    its stdout captured."""
     out = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        for key in [k for k in os.environ if k.startswith("RITMO_") or k == "NOTIFY_SOCKET"]:
-            mp.delenv(key)
-        mp.chdir(cwd)
-        try:
-            with contextlib.redirect_stdout(out):
-                yield out
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            root.handlers[:] = handlers
-            root.setLevel(level)
-            logging.getLogger("apscheduler").setLevel(logging.NOTSET)
-            structlog.reset_defaults()
-            structlog.contextvars.clear_contextvars()
-            torch.set_num_threads(threads)
+    with pytest.MonkeyPatch.context() as mp, process_isolation(mp, cwd), contextlib.redirect_stdout(out):
+        yield out
 
 
 @pytest.fixture(scope="module")

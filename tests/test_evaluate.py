@@ -105,3 +105,19 @@ def test_a_small_walk_forward_run_reports_resumes_and_reads_test_once(isolated_p
     # ... once: a second reading of the same configuration's test folds is refused
     assert main([*argv, "--split", "test"]) == 2
     assert "read already" in capsys.readouterr().err
+
+
+def test_a_cached_unit_is_never_reused_for_other_months(tmp_path: Path) -> None:
+    """Fold 1 of two fold specs has the same index and other months: other folders, and a mismatch refused."""
+    from bot.evaluate import EvaluateError, run_unit, unit_name
+
+    a = make_folds(d("2021-01-01"), d("2025-01-01"), FoldSpec(24, 3, 3, 3))[1]
+    b = make_folds(d("2021-01-01"), d("2025-01-01"), FoldSpec(24, 3, 3, 6))[1]
+    assert a.index == b.index == 1 and unit_name("h", a, 0) != unit_name("h", b, 0)
+    unit = tmp_path / unit_name("h", b, 0)
+    unit.mkdir()
+    stale = {"periods": [list(a.train), list(a.valid), list(a.test)], "splits": {"valid": {}}}
+    (unit / "result.json").write_text(json.dumps(stale))
+    task = {"dir": str(unit), "fold": 1, "train": b.train, "valid": b.valid, "test": b.test, "splits": ["valid"]}
+    with pytest.raises(EvaluateError, match="other periods"):
+        run_unit(task)
