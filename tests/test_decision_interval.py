@@ -1,7 +1,7 @@
 """The decision interval in the daemon: a checkpoint with decide_every K decides only on decision candles.
 
-Checkpoints here are checkpoints/card-exact.pt (a frozen reference) with decide_every = 12 and its decision head's last bias pushed
-away from HOLD (the shipped policy never trades, and these tests must see trades).
+Checkpoints here are checkpoints/card-exact.pt (a frozen reference) with decide_every = 12 and its decision
+head's last bias pushed away from HOLD (that policy never trades, and these tests must see trades).
 """
 
 from __future__ import annotations
