@@ -443,7 +443,6 @@ def main(args: argparse.Namespace) -> int:
         split: {f.index: baseline_figures(candles, f.period(split), cfg["position_mode"], costs) for f in folds}
         for split in splits
     }
-    n_trials_before = count_trials(trials)
     record = {
         "time_utc": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
         "name": name,
@@ -466,7 +465,7 @@ def main(args: argparse.Namespace) -> int:
         costs=costs,
         results=results,
         baselines=baselines,
-        n_trials=n_trials_before + (0 if any(t["config_hash"] == chash for t in trials) else args.seeds),
+        n_trials=count_trials([*trials, {"config_hash": chash, "seeds": list(range(args.seeds))}]),
         trial_srs=[sr for t in trials for sr in t.get("valid_daily_sr", [])],
         out=out,
     )
