@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import signal
 import sys
@@ -214,6 +213,7 @@ def run_unit(task: dict[str, Any]) -> dict[str, Any]:
     from bot.checkpoints import load_checkpoint
     from bot.training import fit
     from strategies.backtest import period_rows, run_actions
+    from strategies.candles import CANDLE_MS
     from strategies.evaluation import random_turnover_actions, switch_prob_for_trades
     from strategies.features import build_observations
     from strategies.objectives import is_decision_candle
@@ -258,7 +258,8 @@ def run_unit(task: dict[str, Any]) -> dict[str, Any]:
     for split in task["splits"]:
         lo, hi = fold.period(split)
         i0, i1 = period_rows(ts, lo, hi)
-        decisions = int(np.count_nonzero(is_decision_candle(ts[i0:i1] - 300_000, bundle.decide_every)))
+        grid = np.asarray(is_decision_candle(ts[i0:i1] - CANDLE_MS, bundle.decide_every))
+        decisions = int(np.count_nonzero(grid))
         per_cost = {}
         for cost in task["costs"]:
             res = backtest_period(bundle, candles, obs, lo, hi, greedy=False, seed=int(task["seed"]), commission=cost)
@@ -266,7 +267,6 @@ def run_unit(task: dict[str, Any]) -> dict[str, Any]:
             # A random policy trading as often as this one did, on the same decision grid and at the same cost.
             p_switch = switch_prob_for_trades(res.policy.n_trades, max(decisions, 1))
             rnd_actions = random_turnover_actions(i1 - i0, p_switch, bundle.position_mode, int(task["seed"]))
-            grid = np.asarray(is_decision_candle(ts[i0:i1] - 300_000, bundle.decide_every))
             rnd_actions = np.where(grid, rnd_actions, 0)
             rnd = run_actions(
                 rnd_actions,
@@ -515,6 +515,3 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def finite(x: float | None) -> float | None:
-    """x if it is a finite number, else None (JSON null)."""
-    return x if x is not None and math.isfinite(x) else None

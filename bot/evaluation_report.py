@@ -389,15 +389,21 @@ def _ci(ci: list[Any] | None, fmt: str = "{:.2f}") -> str:
     return f"[{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
 
 
-def plot_equity(
-    results: list[dict[str, Any]], baselines: dict[int, Any], split: str, cost: str, path: Path, title: str
-) -> None:
-    """One panel per fold: each seed's policy equity (daily marks) beside buy & hold, SMA 1d/5d and flat."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (a server has no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_equity(
+    results: list[dict[str, Any]], baselines: dict[int, Any], split: str, cost: str, path: Path, title: str
+) -> None:
+    """One panel per fold: each seed's policy equity (daily marks) beside buy & hold, SMA 1d/5d and flat."""
+    plt = _pyplot()
     folds = sorted(baselines)
     cols = min(4, len(folds))
     rows = math.ceil(len(folds) / cols)
@@ -424,19 +430,17 @@ def plot_equity(
 def _plot_curve(ax: Any, figs: dict[str, Any], **kw: Any) -> None:
     days = pd.to_datetime(figs["daily"]["day_ms"], unit="ms", utc=True)
     ax.plot(days, np.exp(np.cumsum(figs["daily"]["log_return"])), **kw)
-    ax.xaxis.set_major_locator(__import__("matplotlib.dates", fromlist=["MonthLocator"]).MonthLocator())
-    ax.xaxis.set_major_formatter(__import__("matplotlib.dates", fromlist=["DateFormatter"]).DateFormatter("%Y-%m"))
+    import matplotlib.dates as mdates
+
+    ax.xaxis.set_major_locator(mdates.MonthLocator())
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m"))
 
 
 def plot_sharpe(
     results: list[dict[str, Any]], baselines: dict[int, Any], split: str, cost: str, path: Path, title: str
 ) -> None:
     """Per fold: the Sharpe of the seed-averaged policy with its bootstrap interval, buy & hold and SMA beside."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     folds = sorted(baselines)
     pts, los, his, hold, sma = [], [], [], [], []
     for i in folds:

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from strategies.accounting import ACTIONS, target_position
 from strategies.candles import CANDLE_MS
 from strategies.env import VectorTradingEnv
 from strategies.objectives import (
@@ -34,6 +33,7 @@ from strategies.objectives import (
     expected_step_pnl,
     is_decision_candle,
     linear_schedule,
+    position_transitions,
     shaped_rewards,
     validate_objective,
 )
@@ -81,7 +81,7 @@ class TrainConfig:
     """flat: every training episode starts flat (the card); random: it starts holding a position drawn
     uniformly from the mode's states ("exploring starts", extra beyond the card; see the model cards)"""
     objective: str = "card"
-    """card (the architecture card's), log_return, excess, vol_scaled or dsr (strategies/objectives.py)"""
+    """card (the architecture card's), log_return, excess, vol_scaled, dsr or expected_pnl (objectives.py)"""
     decide_every: int = 1
     """K: the policy decides at closes whose 5-minute index since the epoch is divisible by K and keeps the
     position in between; an episode is L decisions, gamma applies per decision (1 = every candle, the card)"""
@@ -298,10 +298,8 @@ def sample_rollout(
 
 def changes_position_table(mode: str) -> torch.Tensor:
     """(3 positions, 3 actions) float32: 1 where the action moves the position state (index position + 1)."""
-    allowed = (-1, 0, 1) if mode == "long_short" else (0, 1)
-    return torch.tensor(
-        [[float(p in allowed and target_position(a, p, mode) != p) for a in ACTIONS] for p in (-1, 0, 1)]
-    )
+    _, turnover = position_transitions(mode)
+    return (turnover > 0).to(torch.float32)
 
 
 @dataclass
