@@ -57,8 +57,8 @@ def random_checkpoint(path: Path) -> Path:
     """A seeded random policy (same size and work as a trained one)."""
     import torch
 
-    from bot.candle_files import load_candles
-    from bot.checkpoints import ModelBundle, save_checkpoint
+    from bot.files.candles import load_candles
+    from bot.files.checkpoints import ModelBundle, save_checkpoint
     from strategies.features import compute_features, default_feature_spec, fit_standardizer
     from strategies.policy import PolicyNet
 
@@ -82,9 +82,9 @@ def child(args: argparse.Namespace) -> None:
     t_start = time.perf_counter()
     import numpy as np
 
-    from bot import runner
+    from bot.commands import run as runner
     from bot.cli import build_parser
-    from bot.daemon import Daemon
+    from bot.daemon.tick import Daemon
     from bot.logs import configure_logging
 
     outcomes = []

@@ -23,7 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bot.candle_files import load_candles  # noqa: E402
+from bot.files.candles import load_candles  # noqa: E402
 from strategies.candles import parse_utc_date_ms  # noqa: E402
 from strategies.features import build_observations, compute_features, fit_standardizer  # noqa: E402
 from strategies.policy import PolicyNet  # noqa: E402

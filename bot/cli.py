@@ -13,14 +13,14 @@ from bot.logs import configure_logging
 
 # subcommand -> (module with add_arguments(parser) and main(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "download": ("bot.download", "download exchange candles into a CSV/Parquet file (resumable)"),
-    "train": ("bot.training", "train a policy offline with REINFORCE and the 1:10 rhythm"),
-    "backtest": ("bot.backtesting", "backtest a policy over a period, beside buy-and-hold and flat"),
-    "evaluate": ("bot.evaluate", "walk-forward evaluation of a training configuration against baselines"),
-    "info": ("bot.info", "parameter counts per part, features, checkpoint metadata"),
-    "run": ("bot.runner", "run the daemon: paper trading, --once, or --replay FILE"),
-    "status": ("bot.status", "what the daemon's state says: position, equity, episode, rhythm, halt"),
-    "resume": ("bot.status", "clear a drawdown halt so trading resumes at the next candle"),
+    "download": ("bot.commands.download", "download exchange candles into a CSV/Parquet file (resumable)"),
+    "train": ("bot.commands.train", "train a policy offline with REINFORCE and the 1:10 rhythm"),
+    "backtest": ("bot.commands.backtest", "backtest a policy over a period, beside buy-and-hold and flat"),
+    "evaluate": ("bot.commands.evaluate", "walk-forward evaluation of a training configuration against baselines"),
+    "info": ("bot.commands.info", "parameter counts per part, features, checkpoint metadata"),
+    "run": ("bot.commands.run", "run the daemon: paper trading, --once, or --replay FILE"),
+    "status": ("bot.commands.status", "what the daemon's state says: position, equity, episode, rhythm, halt"),
+    "resume": ("bot.commands.status", "clear a drawdown halt so trading resumes at the next candle"),
 }
 
 

@@ -19,7 +19,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bot.checkpoints import load_checkpoint  # noqa: E402
+from bot.files.checkpoints import load_checkpoint  # noqa: E402
 
 SEEDS = (0, 1, 2)
 
@@ -83,8 +83,8 @@ def plot_training(metrics_path: Path, out_png: Path, title: str) -> dict:
 
 def validation_probs(bundle, data: str, v_from: str, v_to: str) -> dict:
     """How decided the policy is over the validation period: action probabilities from the flat state."""
-    from bot.backtesting import period_probs
-    from bot.candle_files import load_candle_files
+    from bot.commands.backtest import period_probs
+    from bot.files.candles import load_candle_files
     from strategies.backtest import period_rows
     from strategies.candles import parse_utc_date_ms
     from strategies.features import build_observations, compute_features

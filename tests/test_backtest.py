@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bot.backtesting import BacktestError, backtest_period, period_probs, random_bundle
-from bot.checkpoints import ModelBundle
+from bot.commands.backtest import BacktestError, backtest_period, period_probs, random_bundle
+from bot.files.checkpoints import ModelBundle
 from strategies.accounting import BUY, HOLD, SELL
 from strategies.backtest import (
     PERIODS_PER_YEAR,

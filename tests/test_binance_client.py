@@ -1,4 +1,4 @@
-"""The REAL ccxt.binance client, built by bot.exchange.make_exchange, against the fake Binance server.
+"""The REAL ccxt.binance client, built by bot.exchange.client.make_exchange, against the fake Binance server.
 
 Everything stays on 127.0.0.1: an autouse guard refuses any other socket connection.
 """
@@ -15,9 +15,9 @@ import ccxt
 import pytest
 from structlog.testing import capture_logs
 
-from bot.brokers import client_order_id
+from bot.brokers.base import client_order_id
 from bot.errors import EXIT_NOPERM, AuthenticationExchangeError, OperationalExchangeError, TemporaryExchangeError
-from bot.exchange import (
+from bot.exchange.client import (
     amount_to_precision,
     check_key_permissions,
     classify_order_error,

@@ -11,7 +11,7 @@ import ccxt
 import numpy as np
 import pytest
 
-from bot.brokers import (
+from bot.brokers.base import (
     DECIMAL_PLACES,
     SIGNIFICANT_DIGITS,
     TICK_SIZE,
@@ -21,7 +21,7 @@ from bot.brokers import (
     PaperBroker,
     client_order_id,
 )
-from bot.feed import Candle, ExchangeMarketData
+from bot.daemon.feed import Candle, ExchangeMarketData
 from strategies.accounting import BUY, HOLD, SELL, Ledger, target_position
 from tests.fake_exchange import FakeExchange
 

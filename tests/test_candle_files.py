@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from structlog.testing import capture_logs
 
-from bot.candle_files import find_gaps, load_candles, load_candles_with_gaps, save_candles
+from bot.files.candles import find_gaps, load_candles, load_candles_with_gaps, save_candles
 from bot.errors import CandleFileError
 from strategies.candles import (
     CANDLE_MS,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bot.checkpoints import ModelBundle, load_checkpoint, save_checkpoint
+from bot.files.checkpoints import ModelBundle, load_checkpoint, save_checkpoint
 from bot.errors import CheckpointError
 from strategies.features import MACRO_WINDOW, MICRO_WINDOW, Standardizer, default_feature_spec
 from strategies.policy import PolicyNet

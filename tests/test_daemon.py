@@ -18,15 +18,15 @@ import pytest
 import structlog
 import torch
 
-from bot.checkpoints import ModelBundle, load_checkpoint, save_checkpoint
-from bot.daemon import Daemon, checkpoint_dir_for, history_needed, observe
+from bot.files.checkpoints import ModelBundle, load_checkpoint, save_checkpoint
+from bot.daemon.tick import Daemon, checkpoint_dir_for, history_needed, observe
 from bot.errors import ConfigError
-from bot.feed import ReplayMarketData
-from bot.learner import OnlineLearner
-from bot.runner import Components, build_daemon
+from bot.daemon.feed import ReplayMarketData
+from bot.daemon.learner import OnlineLearner
+from bot.commands.run import Components, build_daemon
 from bot.settings import load_settings, state_db_path
-from bot.state import EpisodeBatch, open_state_readonly
-from bot.status import resume
+from bot.daemon.state import EpisodeBatch, open_state_readonly
+from bot.commands.status import resume
 from strategies.candles import CANDLE_MS, parse_utc_date_ms
 from strategies.features import build_observations, compute_features, default_feature_spec, fit_standardizer
 from strategies.policy import PolicyNet
@@ -100,7 +100,7 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(autouse=True)
 def _torch_one_thread() -> Iterator[None]:
-    """The daemon's torch setting (bot.runner.single_threaded_torch), restored afterwards."""
+    """The daemon's torch setting (bot.commands.run.single_threaded_torch), restored afterwards."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -173,8 +173,8 @@ def test_realtime_day_of_ticks_against_the_fake_exchange(
     tmp_path: Path, candles: pd.DataFrame, checkpoint: Path
 ) -> None:
     """A day of paper ticks on exchange time (ticker fills, Binance's amount rules), in a second or two."""
-    from bot.brokers import MarketRules
-    from bot.feed import ExchangeMarketData
+    from bot.brokers.base import MarketRules
+    from bot.daemon.feed import ExchangeMarketData
 
     fake = FakeExchange(candles, now_ms=DEC1 + 5_000)
     clock = FakeClock(fake)
@@ -209,7 +209,7 @@ def test_stale_feed_skips_acting_and_logs(tmp_path: Path, candles: pd.DataFrame,
     settings = load_settings(
         settings_env(tmp_path, checkpoint, mode="paper", episode_steps=288, min_episode_steps=20), env_file=None
     )
-    from bot.feed import ExchangeMarketData
+    from bot.daemon.feed import ExchangeMarketData
 
     comps = build_daemon(
         settings, ExchangeMarketData(fake, "BTC/USDT", sleep=clock.sleep), sleep=clock.sleep, rules=None
@@ -245,7 +245,7 @@ def test_stale_feed_skips_acting_and_logs(tmp_path: Path, candles: pd.DataFrame,
 def test_missing_latest_candle_is_backfilled_by_the_retry(
     tmp_path: Path, candles: pd.DataFrame, checkpoint: Path
 ) -> None:
-    from bot.feed import ExchangeMarketData
+    from bot.daemon.feed import ExchangeMarketData
     from tests.test_feed import HidingExchange
 
     fake = HidingExchange(candles, now_ms=DEC1 + 5_000)
@@ -481,7 +481,7 @@ def test_crash_between_checkpoint_save_and_record_redoes_the_update(
     tmp_path: Path, candles: pd.DataFrame, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The update's checkpoint is on disk but its row is not: on restart the orphan goes and the update is redone."""
-    from bot.state import StateStore
+    from bot.daemon.state import StateStore
 
     extra = {"episode_steps": 12, "min_episode_steps": 6}
     ref = replay_daemon(tmp_path / "ref", checkpoint, candles, **extra)

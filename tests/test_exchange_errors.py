@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from structlog.testing import capture_logs
 
-from bot.brokers import client_order_id
+from bot.brokers.base import client_order_id
 from bot.errors import (
     EXIT_NOPERM,
     EXIT_RUNTIME,
@@ -22,7 +22,7 @@ from bot.errors import (
     OperationalExchangeError,
     TemporaryExchangeError,
 )
-from bot.exchange import (
+from bot.exchange.client import (
     MAX_MESSAGE_CHARS,
     CircuitBreaker,
     amount_to_precision,

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bot.feed import (
+from bot.daemon.feed import (
     CandleBatch,
     CandleBuffer,
     CandleFeed,

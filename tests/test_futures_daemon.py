@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bot.checkpoints import load_checkpoint, save_checkpoint
+from bot.files.checkpoints import load_checkpoint, save_checkpoint
 from tests.fake_futures import SYMBOL, FakeFutures, ledger_cash
 from tests.test_daemon import make_checkpoint
 from tests.test_live_daemon_faults import CAP, KEY, SECRET, START, Live

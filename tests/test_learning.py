@@ -182,7 +182,7 @@ def test_backtest_decides_only_on_the_grid(market) -> None:
 
 
 def test_checkpoints_keep_the_decision_interval_and_old_ones_read_as_one(tmp_path: Path) -> None:
-    from bot.checkpoints import bundle_to_payload, load_checkpoint, save_checkpoint
+    from bot.files.checkpoints import bundle_to_payload, load_checkpoint, save_checkpoint
 
     old = load_checkpoint(REPO / "checkpoints" / "card-exact.pt")
     assert old.decide_every == 1 and old.objective == "card"

@@ -1,6 +1,6 @@
 """Fault injection at the DAEMON level in live mode: `Daemon.tick` with a LiveBroker on a FakeExchange.
 
-Each test builds the live daemon as `ritmo run` does (bot.runner.build_daemon + live_broker_factory: the live
+Each test builds the live daemon as `ritmo run` does (bot.commands.run.build_daemon + live_broker_factory: the live
 start checks, the API key's permissions, a LiveBroker, the ledger opened from the exchange's balances) over
 real 2024 candles, then ticks it through hours or a day of 5-minute candles with a clock that moves the
 fake's (sleeping only advances it: nothing really waits), injecting one fault at a time. The authentication
@@ -29,16 +29,16 @@ import pandas as pd
 import pytest
 import torch
 
-from bot import runner
-from bot.brokers import MarketRules
-from bot.daemon import Daemon, TickOutcome, observe
+from bot.commands import run as runner
+from bot.brokers.base import MarketRules
+from bot.daemon.tick import Daemon, TickOutcome, observe
 from bot.errors import EXIT_NOPERM, AuthenticationExchangeError
-from bot.exchange import check_symbol
-from bot.feed import ExchangeMarketData, last_closed_open_ms
+from bot.exchange.client import check_symbol
+from bot.daemon.feed import ExchangeMarketData, last_closed_open_ms
 from bot.logs import configure_logging
 from bot.settings import LIVE_CONFIRM_PHRASE, Settings, load_settings, state_db_path
-from bot.state import StateStore, open_state_readonly
-from bot.status import collect_status
+from bot.daemon.state import StateStore, open_state_readonly
+from bot.commands.status import collect_status
 from strategies.candles import CANDLE_MS, parse_utc_date_ms
 from strategies.policy import probs_for_all_positions
 from tests.conftest import assert_secrets_absent

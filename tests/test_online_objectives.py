@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 import torch
 
-from bot.checkpoints import load_checkpoint, save_checkpoint
+from bot.files.checkpoints import load_checkpoint, save_checkpoint
 from bot.cli import main as cli_main
-from bot.learner import (
+from bot.daemon.learner import (
     LearningGuard,
     OnlineLearner,
     PolicyHealth,
@@ -27,7 +27,7 @@ from bot.learner import (
     guard_verdict,
     rollout_seed,
 )
-from bot.state import _SCHEMA_V1, MIGRATIONS, SCHEMA_VERSION, EpisodeBatch, open_state, open_state_readonly
+from bot.daemon.state import _SCHEMA_V1, MIGRATIONS, SCHEMA_VERSION, EpisodeBatch, open_state, open_state_readonly
 from strategies.objectives import advantages
 from strategies.trainer import TrainConfig, expected_pnl_step, policy_gradient_step
 from tests.test_daemon import DEC1, make_checkpoint, replay_daemon, run_ticks, weights

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from bot import runner
+from bot.commands import run as runner
 from bot.cli import main as cli_main
 from bot.settings import load_settings
 from strategies.candles import CANDLE_MS, parse_utc_date_ms
@@ -190,7 +190,7 @@ def test_replay_period_errors(checkpoint: Path, capsys: pytest.CaptureFixture[st
 
 SLOW_TICK_SCRIPT = """
 import pathlib, sys, time
-from bot import daemon
+from bot.daemon import tick as daemon
 marker, slow_at = pathlib.Path(sys.argv[1]), int(sys.argv[2])
 original = daemon.Daemon._tick_in_tx
 calls = {"n": 0}
@@ -263,7 +263,7 @@ def test_scheduled_paper_daemon_stops_cleanly_on_sigterm_mid_tick(
     """The real scheduler loop (fast trigger, fake exchange): READY, WATCHDOG per tick, SIGTERM mid-tick, exit 0."""
     from apscheduler.triggers.interval import IntervalTrigger
 
-    from bot.daemon import Daemon
+    from bot.daemon.tick import Daemon
 
     settings = load_settings(settings_env(tmp_path, checkpoint, mode="paper"), env_file=None)
     fake = FakeExchange(candles, now_ms=DEC1 + 5_000)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bot.brokers import OrderIntent
-from bot.state import (
+from bot.brokers.base import OrderIntent
+from bot.daemon.state import (
     SCHEMA_VERSION,
     StateError,
     open_state,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.checkpoints import load_checkpoint
+from bot.files.checkpoints import load_checkpoint
 from bot.cli import main
 from strategies.policy import PolicyNet
 

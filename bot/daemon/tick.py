@@ -45,12 +45,12 @@ import pandas as pd
 import structlog
 import torch
 
-from bot.brokers import Broker, Decision, ExecutionResult
-from bot.checkpoints import ModelBundle
+from bot.brokers.base import Broker, Decision, ExecutionResult
+from bot.files.checkpoints import ModelBundle
 from bot.errors import TemporaryExchangeError
-from bot.feed import Candle, CandleFeed, FeedUpdate, last_closed_open_ms
-from bot.learner import LoadedModel, OnlineLearner, UpdateOutcome
-from bot.state import KEEP_EPISODE_BLOBS, StateStore, wall_ms
+from bot.daemon.feed import Candle, CandleFeed, FeedUpdate, last_closed_open_ms
+from bot.daemon.learner import LoadedModel, OnlineLearner, UpdateOutcome
+from bot.daemon.state import KEEP_EPISODE_BLOBS, StateStore, wall_ms
 from strategies.accounting import ACTION_NAMES, HOLD, Ledger, target_position
 from strategies.candles import CANDLE_MS, iso_utc
 from strategies.features import compute_features, first_valid_row

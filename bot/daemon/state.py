@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from bot.brokers import OrderIntent
+from bot.brokers.base import OrderIntent
 from bot.errors import RitmoError
 from strategies.accounting import Fill
 

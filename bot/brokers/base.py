@@ -1,4 +1,4 @@
-"""Order execution behind one seam: the `Broker` protocol, with `PaperBroker` here and `bot.live_broker.LiveBroker`.
+"""Order execution behind one seam: the `Broker` protocol, with `PaperBroker` here and `bot.brokers.live.LiveBroker`.
 
 Flow of one decision (the daemon calls this inside the tick's transaction):
   decision + target position + reference price

@@ -248,7 +248,7 @@ class ExchangeClock:
 
     def sync(self) -> int:
         """Measure the offset exchange - local (half the round trip attributed to each leg)."""
-        from bot.exchange import exchange_now_ms
+        from bot.exchange.client import exchange_now_ms
 
         before = self._local_ms()
         server = exchange_now_ms(self._exchange, sleep=self._sleep)
@@ -277,7 +277,7 @@ class ExchangeClock:
 
 
 class ExchangeMarketData:
-    """Closed candles and ticker prices from a ccxt exchange (through bot.exchange, the only ccxt importer)."""
+    """Closed candles and ticker prices from a ccxt exchange (through bot.exchange.client, the only ccxt importer)."""
 
     def __init__(
         self,
@@ -294,14 +294,14 @@ class ExchangeMarketData:
 
     def closed_candles(self, since_ms: int, now_ms: int) -> CandleBatch:
         """Paged fetch_ohlcv (retried), forming candle dropped by exchange time."""
-        from bot.exchange import fetch_closed_candles
+        from bot.exchange.client import fetch_closed_candles
 
         df = fetch_closed_candles(self.exchange, self.symbol, since_ms, now_ms, sleep=self._sleep, rng=self._rng)
         return CandleBatch.from_frame(df)
 
     def fill_reference(self, decision: Candle) -> tuple[float, str]:
         """The ticker's last trade price fetched now; the decision candle's close if that fails."""
-        from bot.exchange import retry_read, secrets_of
+        from bot.exchange.client import retry_read, secrets_of
 
         try:
             ticker = retry_read(

@@ -19,7 +19,7 @@ from typing import Any
 
 from bot.errors import ConfigError
 from bot.settings import MODES, load_settings, state_db_path
-from bot.state import StateStore, open_state_for_update, open_state_readonly, wall_ms
+from bot.daemon.state import StateStore, open_state_for_update, open_state_readonly, wall_ms
 from strategies.accounting import ACTION_NAMES, Ledger
 from strategies.candles import iso_utc
 

@@ -41,13 +41,13 @@ from typing import Any
 import structlog
 
 from bot import notify
-from bot.brokers import TICK_SIZE, Broker, MarketRules, PaperBroker
+from bot.brokers.base import TICK_SIZE, Broker, MarketRules, PaperBroker
 from bot.errors import AuthenticationExchangeError, ConfigError, RitmoError
-from bot.feed import CandleFeed, ExchangeClock, ExchangeMarketData, MarketData, ReplayMarketData, SimClock
-from bot.learner import LearningGuard, OnlineLearner, load_model
+from bot.daemon.feed import CandleFeed, ExchangeClock, ExchangeMarketData, MarketData, ReplayMarketData, SimClock
+from bot.daemon.learner import LearningGuard, OnlineLearner, load_model
 from bot.logs import configure_logging
 from bot.settings import Settings, load_settings, state_db_path, validate_live
-from bot.state import StateStore, open_state
+from bot.daemon.state import StateStore, open_state
 from strategies.candles import CANDLE_MS, iso_utc, parse_utc_date_ms
 
 log = structlog.get_logger(__name__)
@@ -161,7 +161,7 @@ def build_daemon(
     `make_broker(position_mode)` builds the broker once the model's position mode is known (live); default
     a PaperBroker.
     """
-    from bot.daemon import Daemon, DaemonConfig, checkpoint_dir_for, history_needed
+    from bot.daemon.tick import Daemon, DaemonConfig, checkpoint_dir_for, history_needed
 
     db = state_db_path(settings)
     store = open_state(db, mode=settings.mode, symbol=settings.symbol, durable=settings.mode != "replay")
@@ -276,8 +276,8 @@ def _request_stop_from_worker() -> None:
 
 def run_replay(settings: Settings, args: argparse.Namespace, stop: StopSignal) -> int:
     """Replay a candle file over [--from, --to) with the daemon's own tick."""
-    from bot.candle_files import load_candles
-    from bot.daemon import history_needed
+    from bot.files.candles import load_candles
+    from bot.daemon.tick import history_needed
 
     if not args.date_from or not args.date_to:
         raise ReplayError("--replay needs --from and --to")
@@ -419,7 +419,7 @@ def run_realtime(
     env_file: str | Path | None = ".env",
 ) -> int:
     """Paper or live trading on the exchange's market data: warm up, then tick on the scheduler (or once)."""
-    from bot.exchange import check_symbol, exchange_from_settings, make_exchange
+    from bot.exchange.client import check_symbol, exchange_from_settings, make_exchange
 
     live = settings.mode == "live"
     if exchange is None:
@@ -484,8 +484,8 @@ def live_broker_factory(
     """
 
     def make(position_mode: str) -> Broker:
-        from bot.futures_broker import FuturesBroker, check_one_way_mode
-        from bot.live_broker import LiveBroker, check_live_start
+        from bot.brokers.futures import FuturesBroker, check_one_way_mode
+        from bot.brokers.live import LiveBroker, check_live_start
 
         check_live_start(settings, exchange, position_mode=position_mode, env_file=env_file, sleep=clock.sleep)
         is_usdm = getattr(exchange, "id", settings.exchange) == "binanceusdm"

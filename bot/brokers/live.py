@@ -23,8 +23,8 @@ equal the exchange's; a BNB fee is converted at the BNB/quote ticker (retried re
 `fee_quote` and `ledger.fees_quote`, but NOT taken from cash: BNB is held outside the ledger, whose cash stays
 equal to the exchange's quote balance.
 
-Client order ids come from `bot.brokers.client_order_id` (the one PaperBroker, hence the daemon, already uses),
-so paper and live states name orders the same way. The exchange module (`bot.exchange`) stays the only ccxt
+Client order ids come from `bot.brokers.base.client_order_id` (the one PaperBroker, hence the daemon, already uses),
+so paper and live states name orders the same way. The exchange module (`bot.exchange.client`) stays the only ccxt
 importer: every call here goes through its helpers or is mapped with `map_ccxt_error`.
 """
 
@@ -40,7 +40,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from bot.brokers import (
+from bot.brokers.base import (
     Decision,
     ExecutionResult,
     OrderIntent,
@@ -57,7 +57,7 @@ from bot.errors import (
     OperationalExchangeError,
     TemporaryExchangeError,
 )
-from bot.exchange import (
+from bot.exchange.client import (
     ORDER_AMBIGUOUS,
     ORDER_AUTH,
     ORDER_REJECTED,
@@ -92,7 +92,7 @@ TRADES_LOOKBACK_MS = 60_000
 
 
 class LiveJournal(OrderJournal, Protocol):
-    """The parts of the state store reconciliation needs beyond OrderJournal (bot.state.StateStore has them)."""
+    """The parts of the state store reconciliation needs beyond OrderJournal (bot.daemon.state.StateStore has them)."""
 
     def insert_fill(self, client_order_id: str, decision_ts_ms: int, fill: Fill, trade_id: str | None = None) -> None:
         """Record one fill of an order."""
@@ -695,7 +695,7 @@ def _futures_1x_isolated(exchange: Any, symbol: str) -> None:
     ):
         try:
             call()
-        except Exception as exc:  # ccxt's errors, mapped right here (only bot.exchange imports ccxt)
+        except Exception as exc:  # ccxt's errors, mapped right here (only bot.exchange.client imports ccxt)
             # Binance -4046 "No need to change margin type": already isolated, which is what we want.
             if "-4046" in str(exc) or "No need to change" in str(exc):
                 continue

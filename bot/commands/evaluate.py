@@ -157,7 +157,7 @@ def _load(data_paths: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
     """Candles and features of the data files, cached per process (each worker loads them once)."""
     key = "|".join(data_paths)
     if key not in _DATA_CACHE:
-        from bot.candle_files import load_candle_files
+        from bot.files.candles import load_candle_files
         from strategies.features import compute_features
 
         candles = load_candle_files(data_paths)
@@ -209,9 +209,9 @@ def run_unit(task: dict[str, Any]) -> dict[str, Any]:
         return previous
     import torch
 
-    from bot.backtesting import backtest_period
-    from bot.checkpoints import load_checkpoint
-    from bot.training import fit
+    from bot.commands.backtest import backtest_period
+    from bot.files.checkpoints import load_checkpoint
+    from bot.commands.train import fit
     from strategies.backtest import period_rows, run_actions
     from strategies.candles import CANDLE_MS
     from strategies.evaluation import random_turnover_actions, switch_prob_for_trades
@@ -455,7 +455,7 @@ def main(args: argparse.Namespace) -> int:
         "note": args.note,
         "out": str(out),
     }
-    from bot.evaluation_report import build_report
+    from bot.offline.report import build_report
 
     report = build_report(
         name=name,

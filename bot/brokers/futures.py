@@ -39,9 +39,9 @@ from typing import Any
 
 import structlog
 
-from bot.brokers import OrderIntent
+from bot.brokers.base import OrderIntent
 from bot.errors import ConfigError, OperationalExchangeError
-from bot.exchange import (
+from bot.exchange.client import (
     amount_to_precision,
     fee_to_quote,
     fetch_balance,
@@ -49,7 +49,7 @@ from bot.exchange import (
     min_amount,
     retry_read,
 )
-from bot.live_broker import _CAP_TOLERANCE, DUST_QUOTE, LiveBroker
+from bot.brokers.live import _CAP_TOLERANCE, DUST_QUOTE, LiveBroker
 from strategies.accounting import Fill, Ledger, Side
 
 log = structlog.get_logger(__name__)

@@ -30,9 +30,9 @@ import pandas as pd
 import structlog
 from tqdm import tqdm
 
-from bot.candle_files import load_candles_with_gaps, log_gaps, save_candles
+from bot.files.candles import load_candles_with_gaps, log_gaps, save_candles
 from bot.errors import EXIT_OK, CandleFileError, ConfigError
-from bot.exchange import (
+from bot.exchange.client import (
     MAX_OHLCV_LIMIT,
     SUPPORTED_TIMEFRAME,
     check_symbol,

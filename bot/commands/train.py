@@ -21,9 +21,9 @@ import pandas as pd
 import structlog
 import torch
 
-from bot.backtesting import backtest_period
-from bot.candle_files import load_candle_files
-from bot.checkpoints import ModelBundle, load_checkpoint, save_checkpoint
+from bot.commands.backtest import backtest_period
+from bot.files.candles import load_candle_files
+from bot.files.checkpoints import ModelBundle, load_checkpoint, save_checkpoint
 from bot.errors import RitmoError
 from strategies.accounting import POSITION_MODES
 from strategies.backtest import period_rows

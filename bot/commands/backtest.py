@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bot.candle_files import load_candle_files
-from bot.checkpoints import ModelBundle, load_checkpoint
+from bot.files.candles import load_candle_files
+from bot.files.checkpoints import ModelBundle, load_checkpoint
 from bot.errors import RitmoError
 from strategies.accounting import POSITION_MODES
 from strategies.backtest import BacktestResult, Metrics, period_rows, run_backtest

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bot.checkpoints import load_checkpoint
+from bot.files.checkpoints import load_checkpoint
 from strategies.features import MACRO_WINDOW, MICRO_WINDOW, default_feature_spec
 from strategies.policy import PolicyNet, parameter_counts
 
