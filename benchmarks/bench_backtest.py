@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from bench_common import best_of, print_machine
 
-from bot.commands.backtest import backtest_period, random_bundle
 from bot.files.candles import load_candles
 from strategies.backtest import run_backtest
+from strategies.bundle import backtest_period, random_bundle
 from strategies.features import build_observations, compute_features, default_feature_spec, first_valid_row
 from strategies.policy import probs_for_all_positions
 

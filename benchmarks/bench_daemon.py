@@ -58,7 +58,8 @@ def random_checkpoint(path: Path) -> Path:
     import torch
 
     from bot.files.candles import load_candles
-    from bot.files.checkpoints import ModelBundle, save_checkpoint
+    from bot.files.checkpoints import save_checkpoint
+    from strategies.bundle import ModelBundle
     from strategies.features import compute_features, default_feature_spec, fit_standardizer
     from strategies.policy import PolicyNet
 
@@ -82,8 +83,8 @@ def child(args: argparse.Namespace) -> None:
     t_start = time.perf_counter()
     import numpy as np
 
-    from bot.commands import run as runner
     from bot.cli import build_parser
+    from bot.commands import run as runner
     from bot.daemon.tick import Daemon
     from bot.logs import configure_logging
 

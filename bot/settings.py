@@ -29,13 +29,13 @@ from typing import Any
 from dotenv import dotenv_values
 
 from bot.errors import ConfigError
+from strategies.actions import POSITION_MODES
 
 ENV_PREFIX = "RITMO_"
 # Live mode refuses to start unless RITMO_LIVE_CONFIRM holds exactly this phrase (see .env.example).
 LIVE_CONFIRM_PHRASE = "I understand this trades real money"
 
 MODES = ("paper", "live", "replay")
-POSITION_MODES = ("long_only", "long_short")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # systemd credential names (LoadCredential=NAME:PATH) for the secret settings.

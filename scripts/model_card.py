@@ -83,9 +83,9 @@ def plot_training(metrics_path: Path, out_png: Path, title: str) -> dict:
 
 def validation_probs(bundle, data: str, v_from: str, v_to: str) -> dict:
     """How decided the policy is over the validation period: action probabilities from the flat state."""
-    from bot.commands.backtest import period_probs
     from bot.files.candles import load_candle_files
     from strategies.backtest import period_rows
+    from strategies.bundle import period_probs
     from strategies.candles import parse_utc_date_ms
     from strategies.features import build_observations, compute_features
 

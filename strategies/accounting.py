@@ -31,10 +31,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-HOLD, BUY, SELL = 0, 1, 2
-ACTIONS = (HOLD, BUY, SELL)
-ACTION_NAMES = ("HOLD", "BUY", "SELL")
-POSITION_MODES = ("long_short", "long_only")
+from strategies.actions import ACTIONS, BUY, HOLD, SELL, validate_position_mode
+
 DEFAULT_COMMISSION = 0.001
 
 # Where SELL goes in each mode; the lowest position a mode can hold is the same number.
@@ -43,12 +41,6 @@ _POSITIONS = {"long_short": (-1, 0, 1), "long_only": (0, 1)}
 
 Side = Literal["buy", "sell"]
 
-
-def validate_position_mode(mode: str) -> str:
-    """Return `mode` if it is a known position mode, else raise ValueError naming the valid ones."""
-    if not isinstance(mode, str) or mode not in _SELL_TARGET:
-        raise ValueError(f"unknown position mode {mode!r}: expected one of {', '.join(POSITION_MODES)}")
-    return mode
 
 
 def target_position(action: Any, position: Any, mode: str) -> Any:

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from strategies.accounting import BUY, HOLD, Ledger
+from strategies.accounting import Ledger
+from strategies.actions import BUY, HOLD
 from strategies.candles import CANDLE_MS
 from strategies.objectives import is_decision_candle
 from strategies.policy import decision_uniforms

@@ -17,7 +17,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from strategies.accounting import ACTIONS, DEFAULT_COMMISSION, rebalance, target_position, validate_position_mode
+from strategies.accounting import DEFAULT_COMMISSION, rebalance, target_position
+from strategies.actions import ACTIONS, validate_position_mode
 
 
 class EnvState(NamedTuple):

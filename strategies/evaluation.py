@@ -37,6 +37,9 @@ from statistics import NormalDist
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from strategies.actions import BUY, HOLD, SELL, validate_position_mode
+from strategies.candles import CANDLE_MS
+
 __all__ = [
     "BUY",
     "HOLD",
@@ -55,22 +58,11 @@ __all__ = [
     "trade_stats",
 ]
 
-# The action codes of strategies.accounting, repeated here so this module does not import torch
-# (tests/test_evaluation_stats.py checks they agree).
-HOLD, BUY, SELL = 0, 1, 2
-POSITION_MODES = ("long_short", "long_only")
 
 DAY_MS = 86_400_000
-CANDLE_MS = 300_000
 EULER_GAMMA = 0.5772156649015329
 _NORMAL = NormalDist()
 
-
-def _validate_mode(mode: str) -> str:
-    """Return `mode` if it is "long_only" or "long_short", else raise ValueError."""
-    if not isinstance(mode, str) or mode not in POSITION_MODES:
-        raise ValueError(f"unknown position mode {mode!r}: expected one of {', '.join(POSITION_MODES)}")
-    return mode
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -95,7 +87,7 @@ def sma_rule_actions(close: np.ndarray, fast: int, slow: int, mode: str) -> np.n
     candles: 1 day / 5 days = 288 / 1440, 2 days / 8 days = 576 / 2304 on 5-minute candles.
     Requires 1 <= fast < slow.
     """
-    _validate_mode(mode)
+    validate_position_mode(mode)
     if not (isinstance(fast, int | np.integer) and isinstance(slow, int | np.integer)) or not 1 <= fast < slow:
         raise ValueError(f"need integer windows with 1 <= fast < slow, got fast={fast!r} slow={slow!r}")
     close = np.asarray(close, dtype=np.float64)
@@ -125,7 +117,7 @@ def random_turnover_actions(n: int, switch_prob: float, mode: str, seed: int) ->
     function of (n, switch_prob, mode, seed); decision i uses draws 2i and 2i+1 of
     np.random.default_rng(seed), so a shorter n gives a prefix of a longer one.
     """
-    _validate_mode(mode)
+    validate_position_mode(mode)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if not 0.0 <= switch_prob <= 1.0:

@@ -497,6 +497,26 @@ def aggregate_window(x: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
+def last_observation(
+    z: np.ndarray, macro_window: int = MACRO_WINDOW, micro_window: int = MICRO_WINDOW
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The observation (macro, micro), float32 (3N,) each, of the last row of standardised features z (n, N).
+
+    Only the last row is aggregated, [mean, std ddof 0, last] over the last W and w rows, with the window rule
+    of `aggregate_window` (complete and finite, else None); it equals `build_observations` on the same rows
+    up to ~1e-6 (rolling sums against direct sums).
+    """
+    out = []
+    for window in (macro_window, micro_window):
+        if z.shape[0] < window:
+            return None
+        zw = z[-window:]
+        if not np.isfinite(zw).all():
+            return None
+        out.append(np.concatenate([zw.mean(axis=0), zw.std(axis=0), zw[-1]]).astype(np.float32))
+    return out[0], out[1]
+
+
 @dataclass(frozen=True)
 class Observations:
     """Network inputs per candle; rows with valid False are all zeros and must not be acted on."""

@@ -183,7 +183,8 @@ def linear_schedule(start: float, end: float, k: int, updates: int) -> float:
 def position_transitions(mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(3 positions, 3 actions, 3 positions) one-hot of where each action leads from each position state,
     and (3, 3) |target - position| (the equity fraction traded); position axes are indexed position + 1."""
-    from strategies.accounting import ACTIONS, target_position
+    from strategies.accounting import target_position
+    from strategies.actions import ACTIONS
 
     allowed = (-1, 0, 1) if mode == "long_short" else (0, 1)
     lead = torch.zeros(3, 3, 3, dtype=torch.float64)

@@ -446,7 +446,6 @@ class Trainer:
             "wall_s": time.perf_counter() - t0,
         }
 
-
     def _update_expected(self, k: int, learn_macro: bool, sched: dict[str, float], t0: float) -> dict[str, Any]:
         """One analytic policy-gradient step of the expected_pnl objective on B episodes at random starts."""
         cfg = self.cfg

@@ -60,9 +60,9 @@ def install(point: str) -> None:
     """Plant the kill at `point`."""
     if not point:
         return
-    import bot.daemon.tick as daemon
     import bot.brokers.live as live_broker
     import bot.daemon.state as state
+    import bot.daemon.tick as daemon
 
     if point == "after_intent_commit":
         set_status = state.StateStore.set_order_status

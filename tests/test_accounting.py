@@ -10,17 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from strategies.accounting import (
-    BUY,
-    HOLD,
-    POSITION_MODES,
-    SELL,
-    Fill,
-    Ledger,
-    rebalance,
-    target_position,
-    validate_position_mode,
-)
+from strategies.accounting import Fill, Ledger, rebalance, target_position
+from strategies.actions import BUY, HOLD, POSITION_MODES, SELL, validate_position_mode
 
 C = 0.001  # the default commission, 0.1 % per side
 

@@ -16,9 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bot.commands.backtest import BacktestError, backtest_period, period_probs, random_bundle
-from bot.files.checkpoints import ModelBundle
-from strategies.accounting import BUY, HOLD, SELL
+from strategies.actions import BUY, HOLD, SELL
 from strategies.backtest import (
     PERIODS_PER_YEAR,
     BacktestResult,
@@ -27,6 +25,7 @@ from strategies.backtest import (
     period_rows,
     run_backtest,
 )
+from strategies.bundle import ModelBundle, PeriodError, backtest_period, period_probs, random_bundle
 from strategies.candles import CANDLE_MS, parse_utc_date_ms
 from strategies.features import (
     Observations,
@@ -457,7 +456,7 @@ def test_backtest_period_errors(
         "first_row": (int(ts[0]), int(ts[100])),
         "one_short": (int(ts[first_ok - 1]), int(ts[first_ok + 100])),
     }
-    with pytest.raises(BacktestError, match=match):
+    with pytest.raises(PeriodError, match=match):
         backtest_period(bundle, window, obs, *bounds[where], greedy=True, seed=0)
 
 

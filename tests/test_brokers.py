@@ -18,11 +18,13 @@ from bot.brokers.base import (
     Decision,
     MarketRules,
     OrderIntent,
-    PaperBroker,
     client_order_id,
 )
-from bot.daemon.feed import Candle, ExchangeMarketData
-from strategies.accounting import BUY, HOLD, SELL, Ledger, target_position
+from bot.brokers.paper import PaperBroker
+from bot.daemon.feed import Candle
+from bot.daemon.market import ExchangeMarketData
+from strategies.accounting import Ledger, target_position
+from strategies.actions import BUY, HOLD, SELL
 from tests.fake_exchange import FakeExchange
 
 T = 1_733_011_200_000

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from structlog.testing import capture_logs
 
-from bot.files.candles import find_gaps, load_candles, load_candles_with_gaps, save_candles
 from bot.errors import CandleFileError
+from bot.files.candles import find_gaps, load_candles, load_candles_with_gaps, save_candles
 from strategies.candles import (
     CANDLE_MS,
     COLUMNS,

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from bot.files.checkpoints import ModelBundle, load_checkpoint, save_checkpoint
 from bot.errors import CheckpointError
+from bot.files.checkpoints import load_checkpoint, save_checkpoint
+from strategies.bundle import ModelBundle
 from strategies.features import MACRO_WINDOW, MICRO_WINDOW, Standardizer, default_feature_spec
 from strategies.policy import PolicyNet
 

@@ -23,9 +23,9 @@ import pandas as pd
 import pytest
 import structlog
 
-from bot.commands.backtest import random_bundle
-from bot.files.checkpoints import save_checkpoint
 from bot.cli import main
+from bot.files.checkpoints import save_checkpoint
+from strategies.bundle import random_bundle
 from strategies.candles import CANDLE_MS, parse_utc_date_ms
 from strategies.features import compute_features, default_feature_spec, first_valid_row
 

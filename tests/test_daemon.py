@@ -18,15 +18,16 @@ import pytest
 import structlog
 import torch
 
-from bot.files.checkpoints import ModelBundle, load_checkpoint, save_checkpoint
-from bot.daemon.tick import Daemon, checkpoint_dir_for, history_needed, observe
-from bot.errors import ConfigError
-from bot.daemon.feed import ReplayMarketData
-from bot.daemon.learner import OnlineLearner
 from bot.commands.run import Components, build_daemon
-from bot.settings import load_settings, state_db_path
-from bot.daemon.state import EpisodeBatch, open_state_readonly
 from bot.commands.status import resume
+from bot.daemon.learner import OnlineLearner
+from bot.daemon.market import ReplayMarketData
+from bot.daemon.state import EpisodeBatch, open_state_readonly
+from bot.daemon.tick import Daemon, checkpoint_dir_for
+from bot.errors import ConfigError
+from bot.files.checkpoints import load_checkpoint, save_checkpoint
+from bot.settings import load_settings, state_db_path
+from strategies.bundle import ModelBundle, history_needed, observe
 from strategies.candles import CANDLE_MS, parse_utc_date_ms
 from strategies.features import build_observations, compute_features, default_feature_spec, fit_standardizer
 from strategies.policy import PolicyNet
@@ -174,7 +175,7 @@ def test_realtime_day_of_ticks_against_the_fake_exchange(
 ) -> None:
     """A day of paper ticks on exchange time (ticker fills, Binance's amount rules), in a second or two."""
     from bot.brokers.base import MarketRules
-    from bot.daemon.feed import ExchangeMarketData
+    from bot.daemon.market import ExchangeMarketData
 
     fake = FakeExchange(candles, now_ms=DEC1 + 5_000)
     clock = FakeClock(fake)
@@ -209,7 +210,7 @@ def test_stale_feed_skips_acting_and_logs(tmp_path: Path, candles: pd.DataFrame,
     settings = load_settings(
         settings_env(tmp_path, checkpoint, mode="paper", episode_steps=288, min_episode_steps=20), env_file=None
     )
-    from bot.daemon.feed import ExchangeMarketData
+    from bot.daemon.market import ExchangeMarketData
 
     comps = build_daemon(
         settings, ExchangeMarketData(fake, "BTC/USDT", sleep=clock.sleep), sleep=clock.sleep, rules=None
@@ -245,7 +246,7 @@ def test_stale_feed_skips_acting_and_logs(tmp_path: Path, candles: pd.DataFrame,
 def test_missing_latest_candle_is_backfilled_by_the_retry(
     tmp_path: Path, candles: pd.DataFrame, checkpoint: Path
 ) -> None:
-    from bot.daemon.feed import ExchangeMarketData
+    from bot.daemon.market import ExchangeMarketData
     from tests.test_feed import HidingExchange
 
     fake = HidingExchange(candles, now_ms=DEC1 + 5_000)

@@ -20,10 +20,10 @@ import pandas as pd
 import pytest
 import torch
 
-from bot.commands.backtest import backtest_period
-from bot.files.checkpoints import ModelBundle, load_checkpoint, save_checkpoint
 from bot.cli import main as cli_main
 from bot.daemon.state import open_state_readonly
+from bot.files.checkpoints import load_checkpoint, save_checkpoint
+from strategies.bundle import ModelBundle, backtest_period
 from strategies.candles import CANDLE_MS, parse_utc_date_ms
 from strategies.features import build_observations, compute_features
 from strategies.objectives import ex_ante_volatility, is_decision_candle

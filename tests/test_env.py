@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from strategies.accounting import BUY, HOLD, POSITION_MODES, SELL, Ledger
+from strategies.accounting import Ledger
+from strategies.actions import BUY, HOLD, POSITION_MODES, SELL
 from strategies.env import VectorTradingEnv, rollout_rewards
 
 C = 0.001

@@ -51,8 +51,8 @@ def test_bad_requests_give_one_line_and_exit_2(isolated_process, capsys, argv: l
 
 def test_baselines_match_the_issue_figures_for_2024() -> None:
     """Buy-and-hold and SMA 1d/5d long_only over 2024 at 0.1% per side, next-open fills (5-minute Sharpe)."""
-    from bot.files.candles import load_candle_files
     from bot.commands.evaluate import baseline_figures
+    from bot.files.candles import load_candle_files
 
     candles = load_candle_files([DATA / "binance_BTCUSDT_5m_2023.csv.gz", DATA / "binance_BTCUSDT_5m_2024.csv.gz"])
     base = baseline_figures(candles, (d("2024-01-01"), d("2025-01-01")), "long_only", [0.001])["0.001"]

@@ -22,9 +22,9 @@ from bot.errors import (
     OperationalExchangeError,
     TemporaryExchangeError,
 )
+from bot.exchange.breaker import CircuitBreaker
 from bot.exchange.client import (
     MAX_MESSAGE_CHARS,
-    CircuitBreaker,
     amount_to_precision,
     check_key_permissions,
     classify_order_error,

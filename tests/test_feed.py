@@ -9,14 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bot.daemon.feed import (
-    CandleBatch,
-    CandleBuffer,
-    CandleFeed,
-    ExchangeMarketData,
-    ReplayMarketData,
-    last_closed_open_ms,
-)
+from bot.daemon.feed import CandleBatch, CandleBuffer, CandleFeed, last_closed_open_ms
+from bot.daemon.market import ExchangeMarketData, ReplayMarketData
 from strategies.candles import CANDLE_MS
 from tests.fake_exchange import FakeExchange
 

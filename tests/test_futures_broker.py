@@ -20,12 +20,14 @@ import pytest
 from structlog.testing import capture_logs
 
 from bot.brokers.base import Decision, ExecutionResult, client_order_id
-from bot.errors import ConfigError
-from bot.exchange.client import CircuitBreaker, make_exchange
 from bot.brokers.futures import FuturesBroker, check_one_way_mode, only_reduces, wallet_balance
 from bot.brokers.live import _futures_1x_isolated
 from bot.daemon.state import StateStore, open_state
-from strategies.accounting import BUY, SELL, Ledger
+from bot.errors import ConfigError
+from bot.exchange.breaker import CircuitBreaker
+from bot.exchange.client import make_exchange
+from strategies.accounting import Ledger
+from strategies.actions import BUY, SELL
 from tests.fake_futures import SYMBOL, FakeFutures, ledger_cash
 from tests.test_live_broker import execute_in_tick, reconcile
 

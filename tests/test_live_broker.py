@@ -19,12 +19,14 @@ import pytest
 from structlog.testing import capture_logs
 
 from bot.brokers.base import Decision, ExecutionResult, client_order_id
-from bot.errors import AuthenticationExchangeError, ConfigError
-from bot.exchange.client import CircuitBreaker, make_exchange
 from bot.brokers.live import LiveBroker, check_live_start, reconcile_balance
-from bot.settings import LIVE_CONFIRM_PHRASE, Settings
 from bot.daemon.state import StateStore, open_state
-from strategies.accounting import BUY, SELL, Ledger
+from bot.errors import AuthenticationExchangeError, ConfigError
+from bot.exchange.breaker import CircuitBreaker
+from bot.exchange.client import make_exchange
+from bot.settings import LIVE_CONFIRM_PHRASE, Settings
+from strategies.accounting import Ledger
+from strategies.actions import BUY, SELL
 from tests.fake_binance import TEST_API_KEY, TEST_API_SECRET, FakeBinance
 from tests.fake_exchange import FakeExchange
 

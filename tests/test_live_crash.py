@@ -25,9 +25,9 @@ import pandas as pd
 import pytest
 import torch
 
+from bot.daemon.state import open_state_readonly
 from bot.files.checkpoints import load_checkpoint, save_checkpoint
 from bot.settings import LIVE_CONFIRM_PHRASE
-from bot.daemon.state import open_state_readonly
 from tests.conftest import assert_secrets_absent
 from tests.fake_binance import TEST_API_KEY, TEST_API_SECRET, FakeBinance
 from tests.test_daemon import make_checkpoint

@@ -29,16 +29,18 @@ import pandas as pd
 import pytest
 import torch
 
-from bot.commands import run as runner
 from bot.brokers.base import MarketRules
-from bot.daemon.tick import Daemon, TickOutcome, observe
+from bot.commands import run as runner
+from bot.commands.status import collect_status
+from bot.daemon.feed import last_closed_open_ms
+from bot.daemon.market import ExchangeMarketData
+from bot.daemon.state import StateStore, open_state_readonly
+from bot.daemon.tick import Daemon, TickOutcome
 from bot.errors import EXIT_NOPERM, AuthenticationExchangeError
 from bot.exchange.client import check_symbol
-from bot.daemon.feed import ExchangeMarketData, last_closed_open_ms
 from bot.logs import configure_logging
 from bot.settings import LIVE_CONFIRM_PHRASE, Settings, load_settings, state_db_path
-from bot.daemon.state import StateStore, open_state_readonly
-from bot.commands.status import collect_status
+from strategies.bundle import observe
 from strategies.candles import CANDLE_MS, parse_utc_date_ms
 from strategies.policy import probs_for_all_positions
 from tests.conftest import assert_secrets_absent

@@ -13,8 +13,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from bot.errors import EXIT_NOPERM, AuthenticationExchangeError
-from bot.exchange.client import CircuitBreaker
-from strategies.accounting import BUY, SELL
+from bot.exchange.breaker import CircuitBreaker
+from strategies.actions import BUY, SELL
 from tests.fake_exchange import FakeExchange
 from tests.test_live_broker import Env, make_env, reconcile, tick
 

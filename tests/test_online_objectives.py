@@ -16,7 +16,6 @@ import pandas as pd
 import pytest
 import torch
 
-from bot.files.checkpoints import load_checkpoint, save_checkpoint
 from bot.cli import main as cli_main
 from bot.daemon.learner import (
     LearningGuard,
@@ -28,6 +27,7 @@ from bot.daemon.learner import (
     rollout_seed,
 )
 from bot.daemon.state import _SCHEMA_V1, MIGRATIONS, SCHEMA_VERSION, EpisodeBatch, open_state, open_state_readonly
+from bot.files.checkpoints import load_checkpoint, save_checkpoint
 from strategies.objectives import advantages
 from strategies.trainer import TrainConfig, expected_pnl_step, policy_gradient_step
 from tests.test_daemon import DEC1, make_checkpoint, replay_daemon, run_ticks, weights

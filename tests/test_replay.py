@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 import torch
 
-from bot.commands.backtest import backtest_period
-from bot.files.checkpoints import load_checkpoint
 from bot.cli import main as cli_main
 from bot.daemon.state import open_state_readonly
+from bot.files.checkpoints import load_checkpoint
+from strategies.bundle import backtest_period
 from strategies.candles import CANDLE_MS, parse_utc_date_ms
 from strategies.features import build_observations, compute_features
 from tests.conftest import DATA_2024

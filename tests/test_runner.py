@@ -20,8 +20,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from bot.commands import run as runner
 from bot.cli import main as cli_main
+from bot.commands import run as runner
 from bot.settings import load_settings
 from strategies.candles import CANDLE_MS, parse_utc_date_ms
 from tests.conftest import DATA_2024, assert_secrets_absent

@@ -128,7 +128,7 @@ BAD_VALUES = [
     ("RITMO_SANDBOX", "maybe", "true/false"),
     ("RITMO_SYMBOL", "BTCUSDT", "BASE/QUOTE"),
     ("RITMO_SYMBOL", "BTC/", "BASE/QUOTE"),
-    ("RITMO_POSITION_MODE", "short", "long_only, long_short"),
+    ("RITMO_POSITION_MODE", "short", "long_short, long_only"),
     ("RITMO_PAPER_BALANCE", "0", "> 0"),
     ("RITMO_PAPER_BALANCE", "lots", "> 0"),
     ("RITMO_PAPER_BALANCE", "inf", "> 0"),

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.files.checkpoints import load_checkpoint
 from bot.cli import main
+from bot.files.checkpoints import load_checkpoint
 from strategies.policy import PolicyNet
 
 

@@ -1,4 +1,5 @@
-"""Order execution behind one seam: the `Broker` protocol, with `PaperBroker` here and `bot.brokers.live.LiveBroker`.
+"""Order execution behind one seam: the `Broker` protocol; `PaperBroker` (bot/brokers/paper.py) and `LiveBroker`
+(bot/brokers/live.py) implement it.
 
 Flow of one decision (the daemon calls this inside the tick's transaction):
   decision + target position + reference price
@@ -31,18 +32,18 @@ from typing import Any, Protocol
 
 import structlog
 
-from strategies.accounting import ACTION_NAMES, Fill, Ledger, Side, rebalance
+from bot.exchange.rules import CLIENT_ORDER_ID_RE
+from strategies.accounting import Fill, Ledger, Side
+from strategies.actions import ACTION_NAMES
 
 log = structlog.get_logger(__name__)
 
-# ccxt's precision modes (ccxt.DECIMAL_PLACES, SIGNIFICANT_DIGITS, TICK_SIZE); bot/exchange.py is the only
+# ccxt's precision modes (ccxt.DECIMAL_PLACES, SIGNIFICANT_DIGITS, TICK_SIZE); bot/exchange/client.py is the only
 # ccxt importer, so the values are mirrored here and a test holds them equal to ccxt's.
 DECIMAL_PLACES = 2
 SIGNIFICANT_DIGITS = 3
 TICK_SIZE = 4
 
-ORDER_STATUSES = ("intent", "sent", "filled", "rejected", "unknown")
-_CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,36}$")
 # Reasons an order is placed: the policy's action, or the drawdown halt flattening the position.
 REASON_CODES = {"HOLD": "H", "BUY": "B", "SELL": "S", "FLATTEN": "F"}
 
@@ -51,8 +52,8 @@ def client_order_id(symbol: str, ts_ms: int, action: str, attempt: int = 0) -> s
     """Deterministic client order id from (symbol, candle open time, action, attempt); <= 36 chars."""
     sym = re.sub(r"[^A-Za-z0-9]", "", symbol)[:12]
     coid = f"rt-{sym}-{int(ts_ms) // 1000}-{REASON_CODES[action]}{int(attempt)}"
-    if not _CLIENT_ID_RE.match(coid):
-        raise ValueError(f"client order id {coid!r} does not fit [A-Za-z0-9_-]{{1,36}}")
+    if not CLIENT_ORDER_ID_RE.match(coid):
+        raise ValueError(f"client order id {coid!r} does not match {CLIENT_ORDER_ID_RE.pattern}")
     return coid
 
 
@@ -291,90 +292,3 @@ class Broker(Protocol):
         ...
 
 
-class PaperBroker:
-    """Simulated execution at a reference price with slippage and commission, under the market's rules."""
-
-    balance_check_each_tick = False
-
-    def __init__(
-        self,
-        *,
-        symbol: str,
-        commission: float,
-        slippage_bps: float = 0.0,
-        rules: MarketRules | None = None,
-        max_position_quote: float | None = None,
-    ) -> None:
-        if not 0 <= commission < 1:
-            raise ValueError("commission must be in [0, 1)")
-        if slippage_bps < 0:
-            raise ValueError("slippage_bps must be >= 0")
-        self.symbol = symbol
-        self.commission = float(commission)
-        self.slippage_bps = float(slippage_bps)
-        self.rules = rules
-        self.max_position_quote = max_position_quote
-
-    def execute(
-        self,
-        decision: Decision,
-        target_position: int,
-        ledger: Ledger,
-        ref_price: float,
-        journal: OrderJournal,
-        *,
-        ref_source: str = "",
-    ) -> ExecutionResult:
-        """Size with `rebalance`, apply the market rules, record the intent, book the fill."""
-        if target_position == ledger.position:
-            return ExecutionResult("none", ref_price=ref_price, ref_source=ref_source)
-        ref_price = checked_ref_price(ref_price)
-        coid = client_order_id(self.symbol, decision.ts_ms, decision.order_action)
-        target = capped_target(ledger, target_position, ref_price, self.max_position_quote)
-        if target is None:
-            return reject_before_send(
-                journal, self.symbol, decision, coid, target_position, ref_price, 0.0, "buy", "equity is not positive"
-            )
-        _, _, fee_quote, traded, fill_price = rebalance(
-            ledger.cash_quote, ledger.qty_base, target, ref_price, self.commission, self.slippage_bps
-        )
-        if traded == 0:
-            # A position-state change with nothing to move (as Ledger.apply_action does).
-            ledger.position = target_position
-            return ExecutionResult("none", ref_price=ref_price, ref_source=ref_source)
-        side: Side = "buy" if traded > 0 else "sell"
-        qty = abs(traded)
-        if self.rules is not None:
-            qty = self.rules.floor_amount(qty)
-            reason = self.rules.check(qty, fill_price)
-            if reason is not None:
-                return reject_before_send(
-                    journal, self.symbol, decision, coid, target_position, ref_price, qty, side, reason
-                )
-            fee_quote = self.commission * qty * fill_price
-        intent = OrderIntent(coid, self.symbol, decision.ts_ms, side, qty, ref_price, target_position, decision.reason)
-        journal.record_intent(intent)
-        fill = ledger.apply_fill(side, qty, fill_price, fee_quote, target_position)
-        return ExecutionResult("filled", intent, (fill,), ref_price=ref_price, ref_source=ref_source)
-
-    def note_close(self, close: float) -> None:
-        """Paper fills at the reference price it is given: nothing to anchor."""
-
-    def opening_ledger(self, initial_cash: float) -> tuple[Ledger, float]:
-        """All cash: RITMO_PAPER_BALANCE in quote."""
-        return Ledger(cash_quote=float(initial_cash)), float(initial_cash)
-
-    def check_balances(self, ledger: Ledger) -> dict[str, Any] | None:
-        """No exchange account behind a paper ledger."""
-        return None
-
-    def status(self) -> dict[str, Any] | None:
-        """Paper has no exchange state to show."""
-        return None
-
-    def reconcile(self, journal: OrderJournal, pending: list[dict[str, Any]], ledger: Ledger) -> None:
-        """Paper intents are written in the tick's own transaction, so none can be left pending."""
-        for order in pending:
-            # Only a database edited by hand could get here; never guess a fill.
-            journal.set_order_status(order["client_order_id"], "unknown", "paper intent without a result")
-            log.warning("order_unresolved", client_order_id=order["client_order_id"])

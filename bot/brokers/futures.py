@@ -40,6 +40,7 @@ from typing import Any
 import structlog
 
 from bot.brokers.base import OrderIntent
+from bot.brokers.live import _CAP_TOLERANCE, DUST_QUOTE, LiveBroker
 from bot.errors import ConfigError, OperationalExchangeError
 from bot.exchange.client import (
     amount_to_precision,
@@ -49,7 +50,6 @@ from bot.exchange.client import (
     min_amount,
     retry_read,
 )
-from bot.brokers.live import _CAP_TOLERANCE, DUST_QUOTE, LiveBroker
 from strategies.accounting import Fill, Ledger, Side
 
 log = structlog.get_logger(__name__)

@@ -50,6 +50,7 @@ from bot.brokers.base import (
     client_order_id,
     reject_before_send,
 )
+from bot.clock import wall_ms
 from bot.errors import (
     AuthenticationExchangeError,
     ConfigError,
@@ -57,11 +58,11 @@ from bot.errors import (
     OperationalExchangeError,
     TemporaryExchangeError,
 )
+from bot.exchange.breaker import CircuitBreaker
 from bot.exchange.client import (
     ORDER_AMBIGUOUS,
     ORDER_AUTH,
     ORDER_REJECTED,
-    CircuitBreaker,
     amount_to_precision,
     check_key_permissions,
     classify_order_error,
@@ -150,7 +151,7 @@ class LiveBroker:
         self.cash_buffer = float(cash_buffer)
         self._sleep = sleep
         self._rng = rng
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or wall_ms
         self.breaker = breaker or CircuitBreaker(clock=self._clock_ms, secrets=secrets_of(exchange))
         self.lookup_attempts = int(lookup_attempts)
         self.lookup_interval_s = float(lookup_interval_s)

@@ -10,23 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from bot.files.candles import load_candle_files
-from bot.files.checkpoints import ModelBundle, load_checkpoint
 from bot.errors import RitmoError
-from strategies.accounting import POSITION_MODES
-from strategies.backtest import BacktestResult, Metrics, period_rows, run_backtest
+from bot.files.candles import load_candle_files
+from bot.files.checkpoints import load_checkpoint
+from strategies.actions import POSITION_MODES
+from strategies.backtest import BacktestResult, Metrics, period_rows
+from strategies.bundle import PeriodError, backtest_period, random_bundle
 from strategies.candles import parse_utc_date_ms
 from strategies.features import (
-    Observations,
     build_observations,
     compute_features,
     default_feature_spec,
     first_valid_row,
-    fit_standardizer,
 )
-from strategies.policy import PolicyNet, probs_for_all_positions
 
 DEFAULT_INITIAL_CASH = 10_000.0
 
@@ -55,72 +52,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--plot", type=Path, help="write the three equity curves to this PNG")
     p.add_argument("--trades", type=Path, help="write every trade to this CSV")
-
-
-def random_bundle(seed: int, features: np.ndarray, fit_rows: slice, mode: str, commission: float) -> ModelBundle:
-    """A randomly initialised policy; its standardisation is fitted on `fit_rows` (the warm-up before --from)."""
-    spec = default_feature_spec()
-    torch.manual_seed(seed)
-    model = PolicyNet(len(spec.names)).eval()
-    return ModelBundle(
-        model=model,
-        spec=spec,
-        standardizer=fit_standardizer(features, fit_rows),
-        position_mode=mode,
-        commission=commission,
-        metadata={"random_init_seed": seed},
-    )
-
-
-def period_probs(bundle: ModelBundle, obs: Observations, i0: int, i1: int) -> np.ndarray:
-    """Eval-mode probabilities (i1-i0, 3, 3) for the decisions at the closes of candles i0-1 .. i1-2."""
-    rows = np.arange(i0 - 1, i1 - 1)
-    if i0 < 1 or not obs.valid[i0 - 1]:
-        first = int(np.argmax(obs.valid)) if obs.valid.any() else None
-        need = "more history than the file holds" if first is None else f"the first usable decision is row {first}"
-        raise BacktestError(
-            f"not enough warm-up before the period start: the first decision needs "
-            f"{bundle.macro_window} candles of valid features before it ({need}); start later or add history"
-        )
-    if not obs.valid[rows].all():
-        bad = int(rows[~obs.valid[rows]][0])
-        raise BacktestError(f"features are undefined inside the period (row {bad}); the file may have a gap")
-    probs = probs_for_all_positions(bundle.model, torch.from_numpy(obs.macro[rows]), torch.from_numpy(obs.micro[rows]))
-    return probs.double().numpy()
-
-
-def backtest_period(
-    bundle: ModelBundle,
-    candles: pd.DataFrame,
-    obs: Observations,
-    from_ms: int,
-    to_ms: int,
-    *,
-    greedy: bool,
-    seed: int,
-    commission: float | None = None,
-    slippage_bps: float = 0.0,
-    initial_cash: float = DEFAULT_INITIAL_CASH,
-) -> BacktestResult:
-    """Backtest `bundle` on the candles with open times in [from_ms, to_ms); `obs` cover `candles` row by row."""
-    ts = candles["ts_ms"].to_numpy()
-    i0, i1 = period_rows(ts, from_ms, to_ms)
-    if i1 <= i0:
-        raise BacktestError("the period holds no candles of the data file")
-    probs = period_probs(bundle, obs, i0, i1)
-    return run_backtest(
-        probs,
-        ts[i0:i1],
-        candles["open"].to_numpy()[i0:i1],
-        candles["close"].to_numpy()[i0:i1],
-        mode=bundle.position_mode,
-        commission=bundle.commission if commission is None else commission,
-        slippage_bps=slippage_bps,
-        greedy=greedy,
-        seed=seed,
-        initial_cash=initial_cash,
-        decide_every=bundle.decide_every,
-    )
 
 
 def result_to_dict(result: BacktestResult, info: dict) -> dict:
@@ -247,18 +178,21 @@ def main(args: argparse.Namespace) -> int:
             raise BacktestError(f"--mode {args.mode} differs from the checkpoint's {bundle.position_mode}")
         features = compute_features(candles, bundle.spec)
     obs = build_observations(features, bundle.standardizer, bundle.macro_window, bundle.micro_window)
-    result = backtest_period(
-        bundle,
-        candles,
-        obs,
-        from_ms,
-        to_ms,
-        greedy=args.greedy,
-        seed=args.seed,
-        commission=args.commission,
-        slippage_bps=args.slippage_bps,
-        initial_cash=args.initial_cash,
-    )
+    try:
+        result = backtest_period(
+            bundle,
+            candles,
+            obs,
+            from_ms,
+            to_ms,
+            greedy=args.greedy,
+            seed=args.seed,
+            commission=args.commission,
+            slippage_bps=args.slippage_bps,
+            initial_cash=args.initial_cash,
+        )
+    except PeriodError as exc:
+        raise BacktestError(str(exc)) from None
     info = {
         "data": " ".join(str(p) for p in args.data),
         "from": pd.Timestamp(from_ms, unit="ms", tz="UTC").isoformat(),

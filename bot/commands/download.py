@@ -30,7 +30,6 @@ import pandas as pd
 import structlog
 from tqdm import tqdm
 
-from bot.files.candles import load_candles_with_gaps, log_gaps, save_candles
 from bot.errors import EXIT_OK, CandleFileError, ConfigError
 from bot.exchange.client import (
     MAX_OHLCV_LIMIT,
@@ -42,6 +41,7 @@ from bot.exchange.client import (
     iter_closed_candle_pages,
     make_exchange,
 )
+from bot.files.candles import load_candles_with_gaps, log_gaps, save_candles
 from strategies.candles import (
     CANDLE_MS,
     PRICE_COLUMNS,

@@ -35,6 +35,7 @@ import pandas as pd
 import structlog
 
 from bot.errors import EXIT_USAGE, RitmoError
+from strategies.candles import CANDLE_MS
 
 log = structlog.get_logger("ritmo.evaluate")
 
@@ -209,10 +210,10 @@ def run_unit(task: dict[str, Any]) -> dict[str, Any]:
         return previous
     import torch
 
-    from bot.commands.backtest import backtest_period
-    from bot.files.checkpoints import load_checkpoint
     from bot.commands.train import fit
+    from bot.files.checkpoints import load_checkpoint
     from strategies.backtest import period_rows, run_actions
+    from strategies.bundle import backtest_period
     from strategies.candles import CANDLE_MS
     from strategies.evaluation import random_turnover_actions, switch_prob_for_trades
     from strategies.features import build_observations
@@ -407,7 +408,7 @@ def main(args: argparse.Namespace) -> int:
         )
     data = [str(p) for p in args.data]
     candles, _ = _load(data)
-    end_ms = int(candles["ts_ms"].iloc[-1]) + 300_000
+    end_ms = int(candles["ts_ms"].iloc[-1]) + CANDLE_MS
     if args.until:
         try:
             end_ms = min(end_ms, parse_utc_date_ms(args.until))
@@ -513,5 +514,3 @@ def _run_all(tasks: list[dict[str, Any]], workers: int, progress: bool) -> list[
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
-
-

@@ -41,13 +41,16 @@ from typing import Any
 import structlog
 
 from bot import notify
-from bot.brokers.base import TICK_SIZE, Broker, MarketRules, PaperBroker
-from bot.errors import AuthenticationExchangeError, ConfigError, RitmoError
-from bot.daemon.feed import CandleFeed, ExchangeClock, ExchangeMarketData, MarketData, ReplayMarketData, SimClock
+from bot.brokers.base import TICK_SIZE, Broker, MarketRules
+from bot.brokers.paper import PaperBroker
+from bot.clock import wall_ms
+from bot.daemon.feed import CandleFeed
 from bot.daemon.learner import LearningGuard, OnlineLearner, load_model
+from bot.daemon.market import ExchangeClock, ExchangeMarketData, MarketData, ReplayMarketData, SimClock
+from bot.daemon.state import StateStore, open_state
+from bot.errors import AuthenticationExchangeError, ConfigError, RitmoError
 from bot.logs import configure_logging
 from bot.settings import Settings, load_settings, state_db_path, validate_live
-from bot.daemon.state import StateStore, open_state
 from strategies.candles import CANDLE_MS, iso_utc, parse_utc_date_ms
 
 log = structlog.get_logger(__name__)
@@ -161,7 +164,8 @@ def build_daemon(
     `make_broker(position_mode)` builds the broker once the model's position mode is known (live); default
     a PaperBroker.
     """
-    from bot.daemon.tick import Daemon, DaemonConfig, checkpoint_dir_for, history_needed
+    from bot.daemon.tick import Daemon, DaemonConfig, checkpoint_dir_for
+    from strategies.bundle import history_needed
 
     db = state_db_path(settings)
     store = open_state(db, mode=settings.mode, symbol=settings.symbol, durable=settings.mode != "replay")
@@ -277,7 +281,7 @@ def _request_stop_from_worker() -> None:
 def run_replay(settings: Settings, args: argparse.Namespace, stop: StopSignal) -> int:
     """Replay a candle file over [--from, --to) with the daemon's own tick."""
     from bot.files.candles import load_candles
-    from bot.daemon.tick import history_needed
+    from strategies.bundle import history_needed
 
     if not args.date_from or not args.date_to:
         raise ReplayError("--replay needs --from and --to")
@@ -414,7 +418,7 @@ def run_realtime(
     exchange: Any | None = None,
     clock: Any | None = None,
     trigger: Any | None = None,
-    local_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    local_ms: Callable[[], int] = wall_ms,
     feed_retry_delay_s: float = FEED_RETRY_DELAY_S,
     env_file: str | Path | None = ".env",
 ) -> int:

@@ -17,10 +17,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bot.clock import wall_ms
+from bot.daemon.state import StateStore, open_state_for_update, open_state_readonly
 from bot.errors import ConfigError
 from bot.settings import MODES, load_settings, state_db_path
-from bot.daemon.state import StateStore, open_state_for_update, open_state_readonly, wall_ms
-from strategies.accounting import ACTION_NAMES, Ledger
+from strategies.accounting import Ledger
+from strategies.actions import ACTION_NAMES
 from strategies.candles import iso_utc
 
 

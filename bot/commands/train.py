@@ -21,12 +21,12 @@ import pandas as pd
 import structlog
 import torch
 
-from bot.commands.backtest import backtest_period
-from bot.files.candles import load_candle_files
-from bot.files.checkpoints import ModelBundle, load_checkpoint, save_checkpoint
 from bot.errors import RitmoError
-from strategies.accounting import POSITION_MODES
+from bot.files.candles import load_candle_files
+from bot.files.checkpoints import load_checkpoint, save_checkpoint
+from strategies.actions import POSITION_MODES
 from strategies.backtest import period_rows
+from strategies.bundle import ModelBundle, PeriodError, backtest_period
 from strategies.candles import parse_utc_date_ms
 from strategies.features import (
     MACRO_WINDOW,
@@ -189,18 +189,21 @@ def main(args: argparse.Namespace) -> int:
         resume_bundle = load_checkpoint(
             args.resume, expect_spec=spec, expect_mode=cfg.position_mode, expect_windows=(MACRO_WINDOW, MICRO_WINDOW)
         )
-    summary = fit(
-        cfg,
-        candles,
-        features,
-        (train_from, train_to),
-        (valid_from, valid_to),
-        out=args.out,
-        validate_every=args.validate_every,
-        data_label=" ".join(str(p) for p in args.data),
-        resume_bundle=resume_bundle,
-        progress=not args.no_progress,
-    )
+    try:
+        summary = fit(
+            cfg,
+            candles,
+            features,
+            (train_from, train_to),
+            (valid_from, valid_to),
+            out=args.out,
+            validate_every=args.validate_every,
+            data_label=" ".join(str(p) for p in args.data),
+            resume_bundle=resume_bundle,
+            progress=not args.no_progress,
+        )
+    except PeriodError as exc:
+        raise TrainError(f"validation period: {exc}") from None
     print(json.dumps(summary, default=str))
     return 0
 

@@ -58,9 +58,10 @@ import numpy as np
 import structlog
 import torch
 
-from bot.files.checkpoints import ModelBundle, load_checkpoint, save_checkpoint
-from bot.errors import CheckpointError, ConfigError
 from bot.daemon.state import EpisodeBatch, StateStore
+from bot.errors import CheckpointError, ConfigError
+from bot.files.checkpoints import load_checkpoint, save_checkpoint
+from strategies.bundle import ModelBundle
 from strategies.env import VectorTradingEnv
 from strategies.objectives import advantages, shaped_rewards
 from strategies.policy import PolicyNet, probs_for_all_positions

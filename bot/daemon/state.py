@@ -40,7 +40,6 @@ import fcntl
 import json
 import os
 import sqlite3
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from bot.brokers.base import OrderIntent
+from bot.clock import wall_ms
 from bot.errors import RitmoError
 from strategies.accounting import Fill
 
@@ -242,11 +242,6 @@ KEEP_EPISODE_BLOBS = 10
 
 class StateError(RitmoError):
     """The state database cannot be used (newer schema, other mode/symbol, locked by another daemon)."""
-
-
-def wall_ms() -> int:
-    """Local wall-clock time in epoch ms (for created_at columns only, never for trading time)."""
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)

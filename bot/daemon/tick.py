@@ -41,47 +41,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import structlog
 import torch
 
 from bot.brokers.base import Broker, Decision, ExecutionResult
-from bot.files.checkpoints import ModelBundle
-from bot.errors import TemporaryExchangeError
+from bot.clock import wall_ms
 from bot.daemon.feed import Candle, CandleFeed, FeedUpdate, last_closed_open_ms
 from bot.daemon.learner import LoadedModel, OnlineLearner, UpdateOutcome
-from bot.daemon.state import KEEP_EPISODE_BLOBS, StateStore, wall_ms
-from strategies.accounting import ACTION_NAMES, HOLD, Ledger, target_position
+from bot.daemon.state import KEEP_EPISODE_BLOBS, StateStore
+from bot.errors import TemporaryExchangeError
+from strategies.accounting import Ledger, target_position
+from strategies.actions import ACTION_NAMES, HOLD
+from strategies.bundle import ModelBundle, history_needed, observe
 from strategies.candles import CANDLE_MS, iso_utc
-from strategies.features import compute_features, first_valid_row
 from strategies.objectives import ex_ante_volatility, is_decision_candle
 from strategies.policy import decision_uniforms, greedy_action, probs_for_all_positions, sample_action
 
 log = structlog.get_logger(__name__)
-
-
-def history_needed(bundle: ModelBundle) -> int:
-    """Candles needed for one observation: first_valid_row(spec, macro window) + 1 (1265 by default)."""
-    return first_valid_row(bundle.spec, bundle.macro_window) + 1
-
-
-def observe(candles: pd.DataFrame, bundle: ModelBundle) -> tuple[np.ndarray, np.ndarray] | None:
-    """The observation (macro, micro), float32 (3N,) each, of the last candle of `candles`; None if not valid.
-
-    Features are computed on exactly these candles, standardised with the checkpoint's statistics, and only
-    the last row is aggregated ([mean, std ddof 0, last] over the last W and w rows), so the result is a pure
-    function of the window: equal to `build_observations` on the whole history up to ~1e-6 (EWM seeds).
-    """
-    z = bundle.standardizer.transform(compute_features(candles, bundle.spec))
-    out = []
-    for window in (bundle.macro_window, bundle.micro_window):
-        if z.shape[0] < window:
-            return None
-        zw = z[-window:]
-        if not np.isfinite(zw).all():
-            return None
-        out.append(np.concatenate([zw.mean(axis=0), zw.std(axis=0), zw[-1]]).astype(np.float32))
-    return out[0], out[1]
 
 
 @dataclass(frozen=True)
@@ -862,4 +838,4 @@ def checkpoint_dir_for(state_db: Path) -> Path:
     return state_db.parent / "checkpoints" / state_db.stem
 
 
-__all__ = ["HOLD", "Daemon", "DaemonConfig", "TickOutcome", "checkpoint_dir_for", "history_needed", "observe"]
+__all__ = ["HOLD", "Daemon", "DaemonConfig", "TickOutcome", "checkpoint_dir_for"]

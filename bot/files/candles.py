@@ -147,8 +147,9 @@ def load_candle_files(paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
     for (prev, prev_path), (cur, cur_path) in itertools.pairwise(frames):
         if int(cur["ts_ms"].iloc[0]) <= int(prev["ts_ms"].iloc[-1]):
             raise CandleFileError(
-                cur_path, f"overlaps {prev_path} (starts {iso_utc(int(cur['ts_ms'].iloc[0]))}, "
-                f"which {prev_path.name} already covers up to {iso_utc(int(prev['ts_ms'].iloc[-1]))})"
+                cur_path,
+                f"overlaps {prev_path} (starts {iso_utc(int(cur['ts_ms'].iloc[0]))}, "
+                f"which {prev_path.name} already covers up to {iso_utc(int(prev['ts_ms'].iloc[-1]))})",
             )
         hole = int(cur["ts_ms"].iloc[0]) - int(prev["ts_ms"].iloc[-1]) - CANDLE_MS
         if hole > 0:

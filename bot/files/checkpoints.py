@@ -6,62 +6,21 @@ and strings. The `ModelBundle` is what the rest of the code passes around.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bot.errors import CheckpointError
-from strategies.accounting import validate_position_mode
-from strategies.features import MACRO_WINDOW, MICRO_WINDOW, FeatureSpec, Standardizer
+from strategies.actions import validate_position_mode
+from strategies.bundle import ModelBundle
+from strategies.features import FeatureSpec, Standardizer
 from strategies.policy import PolicyNet
 
 FORMAT_VERSION = 1
-
-
-@dataclass
-class ModelBundle:
-    """A policy with everything needed to feed it and to keep training it."""
-
-    model: PolicyNet
-    spec: FeatureSpec
-    standardizer: Standardizer
-    position_mode: str
-    commission: float
-    macro_window: int = MACRO_WINDOW
-    micro_window: int = MICRO_WINDOW
-    decide_every: int = 1
-    """K: the policy decides only at closes whose 5-minute index since the epoch is divisible by K."""
-    # rhythm: schedule ("asymmetric"|"symmetric"), macro_every, k (updates done), macro_updates
-    rhythm: dict[str, Any] = field(
-        default_factory=lambda: {"schedule": "asymmetric", "macro_every": 11, "k": 0, "macro_updates": 0}
-    )
-    optimizers: dict[str, Any] | None = None  # {"macro": state_dict, "rest": state_dict}
-    train_config: dict[str, Any] = field(default_factory=dict)
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def objective(self) -> str:
-        """The training objective (strategies/objectives.py); checkpoints from before objectives are `card`."""
-        return str(self.train_config.get("objective", "card"))
-
-    @property
-    def n_features(self) -> int:
-        """Per-candle feature count N."""
-        return self.model.n_features
-
-    def version(self) -> str:
-        """A short content hash of the weights: names a model in logs and the state database."""
-        h = hashlib.sha256()
-        for name, tensor in sorted(self.model.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().numpy().tobytes())
-        return h.hexdigest()[:12]
 
 
 def bundle_to_payload(bundle: ModelBundle) -> dict[str, Any]:
