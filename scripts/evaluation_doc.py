@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bot.commands.evaluate import count_trials, read_trials  # noqa: E402
+from bot.offline.walk_forward import count_trials, read_trials  # noqa: E402
 
 DOCS = REPO / "docs"
 PREAMBLE = DOCS / "evaluation-preamble.md"

@@ -11,9 +11,10 @@ import pytest
 from structlog.testing import capture_logs
 
 import bot.commands.download as download_mod
-from bot.commands.download import add_arguments, download_candles, main
+from bot.commands.download import add_arguments, main
 from bot.errors import CandleFileError, ConfigError, OperationalExchangeError, TemporaryExchangeError
 from bot.files.candles import load_candles, save_candles
+from bot.offline.history import download_candles
 from strategies.candles import CANDLE_MS, Gap, iso_utc
 from tests.fake_exchange import FakeExchange
 

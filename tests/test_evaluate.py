@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bot.cli import main
-from bot.commands.evaluate import Fold, FoldSpec, count_trials, make_folds, parse_fold_spec
+from bot.offline.walk_forward import Fold, FoldSpec, count_trials, make_folds, parse_fold_spec
 from strategies.candles import parse_utc_date_ms as d
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -51,8 +51,8 @@ def test_bad_requests_give_one_line_and_exit_2(isolated_process, capsys, argv: l
 
 def test_baselines_match_the_issue_figures_for_2024() -> None:
     """Buy-and-hold and SMA 1d/5d long_only over 2024 at 0.1% per side, next-open fills (5-minute Sharpe)."""
-    from bot.commands.evaluate import baseline_figures
     from bot.files.candles import load_candle_files
+    from bot.offline.walk_forward import baseline_figures
 
     candles = load_candle_files([DATA / "binance_BTCUSDT_5m_2023.csv.gz", DATA / "binance_BTCUSDT_5m_2024.csv.gz"])
     base = baseline_figures(candles, (d("2024-01-01"), d("2025-01-01")), "long_only", [0.001])["0.001"]
@@ -109,7 +109,7 @@ def test_a_small_walk_forward_run_reports_resumes_and_reads_test_once(isolated_p
 
 def test_a_cached_unit_is_never_reused_for_other_months(tmp_path: Path) -> None:
     """Fold 1 of two fold specs has the same index and other months: other folders, and a mismatch refused."""
-    from bot.commands.evaluate import EvaluateError, run_unit, unit_name
+    from bot.offline.walk_forward import EvaluateError, run_unit, unit_name
 
     a = make_folds(d("2021-01-01"), d("2025-01-01"), FoldSpec(24, 3, 3, 3))[1]
     b = make_folds(d("2021-01-01"), d("2025-01-01"), FoldSpec(24, 3, 3, 6))[1]
