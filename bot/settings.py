@@ -1,4 +1,4 @@
-"""Settings from `.env` and the environment (DESIGN §9): typed, validated once at start.
+"""Settings from `.env` and the environment (docs/design.md §11): typed, validated once at start.
 
 Every setting is `RITMO_<NAME>`. Sources, highest precedence first:
   1. the process environment (systemd's `EnvironmentFile=` and `Environment=` land here);

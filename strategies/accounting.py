@@ -1,6 +1,6 @@
 """One accounting for training, backtest and brokers: actions -> target position -> fills, fees, equity.
 
-Semantics (DESIGN §5):
+Semantics (docs/design.md §5):
 - Actions: 0 HOLD, 1 BUY, 2 SELL. The position p is the discrete position *state*, the signed fraction
   of equity last traded to: {-1, 0, +1} in `long_short`, {0, +1} in `long_only`. It is not the drifting
   exposure q * price / equity. Cash ratio = 1 - |p|.

@@ -1,6 +1,6 @@
 """Backtest a policy over a period with the shared accounting, next to buy-and-hold and flat (pure code).
 
-Timeline (DESIGN §2, §5). The period is candles i0 .. i1-1 (open times in [from, to)). The account is flat
+Timeline (docs/design.md §2, §5). The period is candles i0 .. i1-1 (open times in [from, to)). The account is flat
 with `initial_cash` at the close of candle i0-1, which is the instant `from`. The decision taken at the
 close of candle t (using only candles <= t) fills at the open of t+1; equity is marked at every close.
 So decisions are taken at the closes of i0-1 .. i1-2 (one per period candle) and the equity curve has

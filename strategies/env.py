@@ -1,6 +1,6 @@
 """Vectorised trading environment: B episodes stepped in lockstep as torch tensors (float64 money).
 
-Timing (DESIGN §2, §5): episode b starts flat at the close of candle s_b = start_idx[b]; its decision t
+Timing (docs/design.md §2, §5): episode b starts flat at the close of candle s_b = start_idx[b]; its decision t
 is taken at the close of candle s_b + t, filled at the open of candle s_b + t + 1 and marked at that
 candle's close. The reward of step t is r_t = ln(E_{t+1} / E_t), with E_t = C_t + q_t * close[s_b + t]
 (before the decision's fill) and E_{t+1} after it, fees included.

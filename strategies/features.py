@@ -2,7 +2,7 @@
 
 Pure code: arrays and DataFrames in, arrays out; no I/O, no clock, no settings.
 
-Pipeline (DESIGN.md section 3):
+Pipeline (docs/design.md §3):
   candles (n rows) --compute_features--> (n, N) scale-free features, NaN in the warm-up rows
                    --Standardizer.transform--> (n, N) z-scores with statistics fitted on training rows only
                    --aggregate_window(W)--> (n, 3N) [mean over the last W rows, std (ddof=0), last value]

@@ -1,4 +1,4 @@
-"""The policy network of the architecture card (DESIGN §4) and reproducible action sampling.
+"""The policy network of the architecture card (docs/design.md §4) and reproducible action sampling.
 
 MacroNet reads the 492-candle window aggregate, MicroNet the 60-candle one; the decision head reads
 their embeddings plus the position and the cash ratio and outputs HOLD/BUY/SELL probabilities.

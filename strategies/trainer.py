@@ -1,4 +1,5 @@
-"""REINFORCE with the 1:10 rhythm (DESIGN §6), vectorised over a batch of episodes (pure: tensors in, metrics out).
+"""REINFORCE with the 1:10 rhythm (docs/design.md §6), vectorised over a batch of episodes (pure: tensors in,
+metrics out).
 
 One update:
   1. rollout  - B episodes of L decisions at random start rows of the training period, in eval mode

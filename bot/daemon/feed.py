@@ -1,7 +1,7 @@
 """The daemon's candles: a bounded candle buffer and the feed that keeps it current at every tick (drop the
 forming candle, backfill holes, detect staleness) from a `MarketData` source (bot/daemon/market.py).
 
-Time (DESIGN §2): a candle's `ts_ms` is its OPEN time; it is closed when `ts_ms + 5 min <= exchange now`.
+Time (docs/design.md §2): a candle's `ts_ms` is its OPEN time; it is closed when `ts_ms + 5 min <= exchange now`.
 `tick(now_ms)` acts on `last_closed_open_ms(now_ms)`, the newest candle closed at `now_ms`.
 
 The buffer is a fixed-capacity window of the newest closed candles (numpy columns, oldest dropped first), so

@@ -1,7 +1,8 @@
-"""Checkpoint files (DESIGN §7): one `torch.save` dict of plain tensors and JSON-able values, written atomically.
+"""Checkpoint files (docs/design.md §7): one `torch.save` dict of plain tensors and JSON-able values, written
+atomically.
 
 Loadable with `torch.load(path, weights_only=True)`: no pickled objects, only state dicts, lists, numbers
-and strings. The `ModelBundle` is what the rest of the code passes around.
+and strings. They hold a `strategies.bundle.ModelBundle`, what the rest of the code passes around.
 """
 
 from __future__ import annotations
