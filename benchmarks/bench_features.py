@@ -27,6 +27,7 @@ import ta
 from bench_common import best_of
 
 from strategies import indicators
+from strategies.candles import VALUE_COLUMNS
 from strategies.features import (
     FEATURE_NAMES,
     MACRO_WINDOW,
@@ -47,7 +48,7 @@ def load_candles(path: Path) -> pd.DataFrame:
     """The candle file as ts_ms (int64) + open, high, low, close, volume (float64)."""
     df = pd.read_csv(path).rename(columns={"timestamp": "ts_ms"})
     df["ts_ms"] = df["ts_ms"].astype("int64")
-    return df.astype({c: "float64" for c in ("open", "high", "low", "close", "volume")})
+    return df.astype({c: "float64" for c in VALUE_COLUMNS})
 
 
 class Timer:

@@ -47,7 +47,7 @@ class CheckpointError(RitmoError):
 
 
 class ExchangeError(RitmoError):
-    """Base of the exchange errors (mapped from ccxt's exceptions in bot/exchange.py)."""
+    """Base of the exchange errors (mapped from ccxt's exceptions in bot/exchange/client.py)."""
 
     exit_code = EXIT_RUNTIME
 

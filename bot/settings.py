@@ -312,7 +312,7 @@ def _parse_symbol(name: str, raw: str) -> str:
 
 
 def _known_exchange_ids() -> frozenset[str] | None:
-    """ccxt's exchange ids from its package files, without importing ccxt (only bot/exchange.py may)."""
+    """ccxt's exchange ids from its package files, without importing ccxt (only bot/exchange/client.py may)."""
     try:
         spec = importlib.util.find_spec("ccxt")
     except (ImportError, ValueError):

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 
 CANDLE_MS = 300_000
-COLUMNS = ("ts_ms", "open", "high", "low", "close", "volume")
 PRICE_COLUMNS = ("open", "high", "low", "close")
 VALUE_COLUMNS = (*PRICE_COLUMNS, "volume")
+COLUMNS = ("ts_ms", *VALUE_COLUMNS)
 
 # How many example locations an error message or a gap report lists before "...".
 MAX_EXAMPLES = 3

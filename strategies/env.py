@@ -42,6 +42,16 @@ def _price_tensor(name: str, prices: torch.Tensor | np.ndarray) -> torch.Tensor:
     return t
 
 
+def _after_reset(attr: str, doc: str) -> property:
+    """A read-only view of the state tensor `attr`, refused before `reset`."""
+
+    def get(env: VectorTradingEnv) -> torch.Tensor:
+        env._require_reset()
+        return getattr(env, attr)
+
+    return property(get, doc=doc)
+
+
 class VectorTradingEnv:
     """B trading episodes over one price series, stepped together (no Python loop over B)."""
 
@@ -208,11 +218,7 @@ class VectorTradingEnv:
         """(B,) int64: the candle whose close the next decision follows."""
         return self._require_reset() + self._t * self.decide_every
 
-    @property
-    def position(self) -> torch.Tensor:
-        """(B,) float32 in {-1, 0, 1}."""
-        self._require_reset()
-        return self._position
+    position = _after_reset("_position", "(B,) float32 in {-1, 0, 1}.")
 
     @property
     def cash_ratio(self) -> torch.Tensor:
@@ -220,66 +226,9 @@ class VectorTradingEnv:
         self._require_reset()
         return 1.0 - self._position.abs()
 
-    @property
-    def equity(self) -> torch.Tensor:
-        """(B,) float64: cash + qty * close of the current decision candle."""
-        self._require_reset()
-        return self._equity
-
-    @property
-    def cash_quote(self) -> torch.Tensor:
-        """(B,) float64."""
-        self._require_reset()
-        return self._cash
-
-    @property
-    def qty_base(self) -> torch.Tensor:
-        """(B,) float64, negative when short."""
-        self._require_reset()
-        return self._qty
-
-    @property
-    def fees_paid(self) -> torch.Tensor:
-        """(B,) float64: fees in quote since reset."""
-        self._require_reset()
-        return self._fees
-
-    @property
-    def turnover_quote(self) -> torch.Tensor:
-        """(B,) float64: traded notional in quote since reset."""
-        self._require_reset()
-        return self._turnover
-
-    @property
-    def n_trades(self) -> torch.Tensor:
-        """(B,) int64: fills since reset."""
-        self._require_reset()
-        return self._n_trades
-
-
-def rollout_rewards(
-    open_prices: torch.Tensor | np.ndarray,
-    close_prices: torch.Tensor | np.ndarray,
-    start_idx: torch.Tensor,
-    actions: torch.Tensor,
-    mode: str,
-    commission: float = DEFAULT_COMMISSION,
-    slippage_bps: float = 0.0,
-    initial_cash: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replay fixed actions (B, L): rewards (B, L) float64, positions (B, L+1) float32 (before each step)."""
-    actions = torch.as_tensor(actions)
-    if actions.ndim != 2:
-        raise ValueError(f"actions must be (B, L), got shape {tuple(actions.shape)}")
-    env = VectorTradingEnv(open_prices, close_prices, mode, commission, slippage_bps, initial_cash)
-    state = env.reset(start_idx)
-    steps = actions.shape[1]
-    if steps > int(env.max_steps(start_idx).min()):
-        raise ValueError(f"{steps} steps do not fit the data for every start index")
-    rewards = torch.empty(actions.shape, dtype=torch.float64)
-    positions = torch.empty((actions.shape[0], steps + 1), dtype=torch.float32)
-    positions[:, 0] = state.position
-    for t in range(steps):
-        rewards[:, t] = env.step(actions[:, t])
-        positions[:, t + 1] = env.position
-    return rewards, positions
+    equity = _after_reset("_equity", "(B,) float64: cash + qty * close of the current decision candle.")
+    cash_quote = _after_reset("_cash", "(B,) float64.")
+    qty_base = _after_reset("_qty", "(B,) float64, negative when short.")
+    fees_paid = _after_reset("_fees", "(B,) float64: fees in quote since reset.")
+    turnover_quote = _after_reset("_turnover", "(B,) float64: traded notional in quote since reset.")
+    n_trades = _after_reset("_n_trades", "(B,) int64: fills since reset.")

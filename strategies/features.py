@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import ta
 
+from strategies.candles import VALUE_COLUMNS
 from strategies.indicators import (
     ADXResult,
     BollingerResult,
@@ -114,7 +115,6 @@ _DEFAULT_PARAMS: dict[str, Any] = {
 EWM_TOLERANCE = 1e-12
 
 _LOGRET = re.compile(r"logret_([1-9][0-9]*)")
-_CANDLE_COLUMNS = ("open", "high", "low", "close", "volume")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -177,11 +177,11 @@ class _Candles:
     """Candle columns as float64 arrays and pandas Series, plus indicators shared by several features."""
 
     def __init__(self, candles: pd.DataFrame, params: dict[str, Any]) -> None:
-        missing = [c for c in _CANDLE_COLUMNS if c not in candles.columns]
+        missing = [c for c in VALUE_COLUMNS if c not in candles.columns]
         if missing:
             raise ValueError(f"candles lack columns {missing}")
         self.params = params
-        arrays = {c: np.ascontiguousarray(candles[c].to_numpy(dtype=np.float64)) for c in _CANDLE_COLUMNS}
+        arrays = {c: np.ascontiguousarray(candles[c].to_numpy(dtype=np.float64)) for c in VALUE_COLUMNS}
         self.open, self.high, self.low = arrays["open"], arrays["high"], arrays["low"]
         self.close, self.volume = arrays["close"], arrays["volume"]
         self.n = len(self.close)

@@ -1,6 +1,6 @@
 """Training objectives: how a batch of rollouts becomes per-step advantages (pure: tensors in, tensors out).
 
-An objective names three things, all stored in the checkpoint (docs/design.md, "Learning"):
+An objective names three things, all stored in the checkpoint (docs/design.md §6):
   - the reward of one decision step, from the step's log return ln(E_{t+1}/E_t) (fees included);
   - the discount gamma, applied per decision (not per candle once decisions are K candles apart);
   - how returns become advantages: normalised over the batch (the card), or leave-one-out inside groups of
@@ -36,6 +36,8 @@ import torch
 from strategies.candles import CANDLE_MS
 
 OBJECTIVES = ("card", "log_return", "excess", "vol_scaled", "dsr", "expected_pnl")
+# Objectives whose shaped reward needs the market's ex-ante volatility at each decision.
+NEEDS_VOLATILITY = ("vol_scaled", "dsr")
 SAMPLED_OBJECTIVES = OBJECTIVES[:5]  # learned by REINFORCE from sampled rollouts; expected_pnl is analytic
 
 

@@ -53,40 +53,36 @@ class Dropout(nn.Dropout):
         return _MaskedScale.apply(x, mask)
 
 
-class MacroNet(nn.Module):
-    """Long-horizon encoder: (batch, 3 * n_features) -> (batch, 128)."""
+class _Encoder(nn.Module):
+    """Linear -> ReLU -> Dropout -> Linear -> ReLU: (batch, 3 * n_features) -> (batch, embed)."""
 
-    def __init__(self, n_features: int) -> None:
+    def __init__(self, n_features: int, hidden: int, embed: int) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(3 * n_features, 256),
+            nn.Linear(3 * n_features, hidden),
             nn.ReLU(inplace=True),
             Dropout(DROPOUT),
-            nn.Linear(256, MACRO_EMBED),
+            nn.Linear(hidden, embed),
             nn.ReLU(inplace=True),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, 3 * n_features) -> (batch, 128)."""
+        """(batch, 3 * n_features) -> (batch, embed)."""
         return self.net(x)
 
 
-class MicroNet(nn.Module):
-    """Short-horizon encoder: (batch, 3 * n_features) -> (batch, 32)."""
+class MacroNet(_Encoder):
+    """Long-horizon encoder: (batch, 3 * n_features) -> (batch, 128), hidden width 256."""
 
     def __init__(self, n_features: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(3 * n_features, 64),
-            nn.ReLU(inplace=True),
-            Dropout(DROPOUT),
-            nn.Linear(64, MICRO_EMBED),
-            nn.ReLU(inplace=True),
-        )
+        super().__init__(n_features, 256, MACRO_EMBED)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, 3 * n_features) -> (batch, 32)."""
-        return self.net(x)
+
+class MicroNet(_Encoder):
+    """Short-horizon encoder: (batch, 3 * n_features) -> (batch, 32), hidden width 64."""
+
+    def __init__(self, n_features: int) -> None:
+        super().__init__(n_features, 64, MICRO_EMBED)
 
 
 class DecisionHead(nn.Module):

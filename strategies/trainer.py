@@ -29,6 +29,7 @@ from torch import nn
 from strategies.candles import CANDLE_MS
 from strategies.env import VectorTradingEnv
 from strategies.objectives import (
+    NEEDS_VOLATILITY,
     advantages,
     ex_ante_volatility,
     expected_step_pnl,
@@ -187,6 +188,26 @@ class RhythmState:
     rest_updates: int = 0
 
 
+def config_rewards(
+    cfg: TrainConfig, log_returns: torch.Tensor, market: torch.Tensor | None, volatility: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-step rewards (B, L) of cfg's objective (its volatility target and DSR rate) from the steps' log returns,
+    the market's log returns over the same steps and the ex-ante volatility at each decision (objectives.py)."""
+    return shaped_rewards(
+        cfg.objective,
+        log_returns,
+        market_log_returns=market,
+        volatility=volatility,
+        vol_target=cfg.vol_target,
+        dsr_eta=cfg.dsr_eta,
+    )
+
+
+def dropout_seed(seed: int, k: int) -> int:
+    """The dropout seed of update k: (seed, k) fix the masks, so an update redone (resume, crash) is the same."""
+    return int(seed) * 1_000_003 + int(k)
+
+
 def is_macro_update(k: int, schedule: str, macro_every: int) -> bool:
     """Whether update number k (0-based) trains MacroNet."""
     return schedule == "symmetric" or k % macro_every == 0
@@ -333,7 +354,7 @@ class Trainer:
             decide_every=self.cfg.decide_every,
         )
         self.volatility: torch.Tensor | None = None
-        if self.cfg.objective in ("vol_scaled", "dsr"):
+        if self.cfg.objective in NEEDS_VOLATILITY:
             vol = ex_ante_volatility(self.close_prices.numpy(), self.cfg.vol_window, self.cfg.decide_every)
             self.volatility = torch.from_numpy(vol)
             bad = ~torch.isfinite(self.volatility[self.start_rows]) | (self.volatility[self.start_rows] <= 0)
@@ -384,14 +405,7 @@ class Trainer:
         k = cfg.decide_every
         market = torch.log(self.close_prices[ro.rows + k] / self.close_prices[ro.rows])
         vol = self.volatility[ro.rows] if self.volatility is not None else None
-        return shaped_rewards(
-            cfg.objective,
-            ro.rewards,
-            market_log_returns=market,
-            volatility=vol,
-            vol_target=cfg.vol_target,
-            dsr_eta=cfg.dsr_eta,
-        )
+        return config_rewards(cfg, ro.rewards, market, vol)
 
     def update(self) -> dict[str, Any]:
         """One rollout and one policy-gradient step under the rhythm; returns the metrics line."""
@@ -406,24 +420,8 @@ class Trainer:
         ro = self.rollout()
         flat = ro.rows.reshape(-1)
         adv = advantages(self.step_rewards(ro), cfg.gamma, cfg.group_size)
-        stats = policy_gradient_step(
-            self.model,
-            self.opt_macro,
-            self.opt_rest,
-            macro_x=self.macro_x[flat],
-            micro_x=self.micro_x[flat],
-            positions=ro.positions,
-            actions=ro.actions,
-            advantages=adv,
-            learn_macro=learn_macro,
-            entropy_coef=sched["entropy_coef"],
-            grad_clip=cfg.grad_clip,
-            dropout_seed=cfg.seed * 1_000_003 + k,
-            frozen_macro_emb=ro.macro_emb,
-            trade_floor=sched["trade_floor"],
-            trade_floor_coef=cfg.trade_floor_coef,
-            change_table=self.change_table,
-        )
+        ctx = UpdateContext(self.model, (self.opt_macro, self.opt_rest), cfg, k, cfg.seed, learn_macro)
+        stats = sampled_objective_step(ctx, self.macro_x[flat], self.micro_x[flat], ro, adv, self.change_table)
         if stats.applied:
             self.rhythm.rest_updates += 1
             self.rhythm.macro_updates += int(learn_macro)
@@ -453,23 +451,11 @@ class Trainer:
         b, steps = cfg.episodes_per_update, cfg.episode_steps
         pick = torch.randint(0, self.start_rows.numel(), (b,), generator=self.generator)
         rows = self.start_rows[pick][:, None] + torch.arange(steps)[None, :] * cfg.decide_every
-        gap, hold = fill_returns(self.open_prices, self.close_prices, rows, cfg.decide_every)
         flat = rows.reshape(-1)
-        stats, turnover = expected_pnl_step(
-            self.model,
-            self.opt_macro,
-            self.opt_rest,
-            macro_x=self.macro_x[flat],
-            micro_x=self.micro_x[flat],
-            gap_returns=gap,
-            hold_returns=hold,
-            mode=cfg.position_mode,
-            commission=sched["commission"],
-            learn_macro=learn_macro,
-            entropy_coef=sched["entropy_coef"],
-            grad_clip=cfg.grad_clip,
-            dropout_seed=cfg.seed * 1_000_003 + k,
-            risk_aversion=cfg.risk_aversion,
+        ctx = UpdateContext(self.model, (self.opt_macro, self.opt_rest), cfg, k, cfg.seed, learn_macro)
+        fills = fill_returns(self.open_prices, self.close_prices, rows, cfg.decide_every)
+        stats, turnover = expected_objective_step(
+            ctx, self.macro_x[flat], self.micro_x[flat], fills, cfg.position_mode, sched["commission"]
         )
         if stats.applied:
             self.rhythm.rest_updates += 1
@@ -489,6 +475,77 @@ class Trainer:
             "env_steps": b * steps,
             "wall_s": time.perf_counter() - t0,
         }
+
+
+@dataclass(frozen=True)
+class UpdateContext:
+    """What one update k is made with: the model, its two optimisers (MacroNet's, the rest's), the config whose
+    schedule, clipping and penalties apply at k, the seed of its dropout masks, and whether MacroNet learns."""
+
+    model: PolicyNet
+    optimizers: tuple[torch.optim.Adam, torch.optim.Adam]
+    cfg: TrainConfig
+    k: int
+    seed: int
+    learn_macro: bool
+
+
+def sampled_objective_step(
+    ctx: UpdateContext,
+    macro_x: torch.Tensor,
+    micro_x: torch.Tensor,
+    rollout: Rollout,
+    adv: torch.Tensor,
+    change_table: torch.Tensor,
+) -> StepStats:
+    """Update k of a sampled objective on a rollout (offline batch or online group) with advantages adv (B, L),
+    observations macro_x/micro_x (B*L, 3N): the entropy bonus and trade floor of the schedule at k, clipped."""
+    cfg, sched = ctx.cfg, ctx.cfg.schedule_at(ctx.k)
+    return policy_gradient_step(
+        ctx.model,
+        *ctx.optimizers,
+        macro_x=macro_x,
+        micro_x=micro_x,
+        positions=rollout.positions,
+        actions=rollout.actions,
+        advantages=adv,
+        learn_macro=ctx.learn_macro,
+        entropy_coef=sched["entropy_coef"],
+        grad_clip=cfg.grad_clip,
+        dropout_seed=dropout_seed(ctx.seed, ctx.k),
+        frozen_macro_emb=rollout.macro_emb,
+        trade_floor=sched["trade_floor"],
+        trade_floor_coef=cfg.trade_floor_coef,
+        change_table=change_table,
+    )
+
+
+def expected_objective_step(
+    ctx: UpdateContext,
+    macro_x: torch.Tensor,
+    micro_x: torch.Tensor,
+    gap_hold: tuple[torch.Tensor, torch.Tensor],
+    mode: str,
+    commission: float,
+) -> tuple[StepStats, float]:
+    """Update k of the expected_pnl objective on episodes (B, L) of (gap, hold) fill returns: the entropy bonus
+    of the schedule at k, clipped, with the config's risk aversion; returns the stats and the expected turnover."""
+    cfg = ctx.cfg
+    return expected_pnl_step(
+        ctx.model,
+        *ctx.optimizers,
+        macro_x=macro_x,
+        micro_x=micro_x,
+        gap_returns=gap_hold[0],
+        hold_returns=gap_hold[1],
+        mode=mode,
+        commission=commission,
+        learn_macro=ctx.learn_macro,
+        entropy_coef=cfg.schedule_at(ctx.k)["entropy_coef"],
+        grad_clip=cfg.grad_clip,
+        dropout_seed=dropout_seed(ctx.seed, ctx.k),
+        risk_aversion=cfg.risk_aversion,
+    )
 
 
 def fill_returns(

@@ -60,9 +60,9 @@ def install(point: str) -> None:
     """Plant the kill at `point`."""
     if not point:
         return
-    import bot.brokers.live as live_broker
     import bot.daemon.state as state
     import bot.daemon.tick as daemon
+    from bot.exchange.client import ExchangeClient
 
     if point == "after_intent_commit":
         set_status = state.StateStore.set_order_status
@@ -74,16 +74,16 @@ def install(point: str) -> None:
 
         state.StateStore.set_order_status = set_order_status  # type: ignore[method-assign]
     elif point in ("after_sent_commit", "after_order_executed"):
-        create = live_broker.create_market_order
+        create = ExchangeClient.create_market_order
 
-        def create_market_order(*args: Any, **kwargs: Any) -> Any:
+        def create_market_order(self: ExchangeClient, *args: Any, **kwargs: Any) -> Any:
             if point == "after_sent_commit":
                 die(point)
-            order = create(*args, **kwargs)
+            order = create(self, *args, **kwargs)
             die(point)
             return order
 
-        live_broker.create_market_order = create_market_order
+        ExchangeClient.create_market_order = create_market_order  # type: ignore[method-assign]
     elif point == "after_fill_recorded":
         insert_fill = state.StateStore.insert_fill
 

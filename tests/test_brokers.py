@@ -11,18 +11,12 @@ import ccxt
 import numpy as np
 import pytest
 
-from bot.brokers.base import (
-    DECIMAL_PLACES,
-    SIGNIFICANT_DIGITS,
-    TICK_SIZE,
-    Decision,
-    MarketRules,
-    OrderIntent,
-    client_order_id,
-)
+from bot.brokers.base import Decision, OrderIntent, client_order_id
 from bot.brokers.paper import PaperBroker
 from bot.daemon.feed import Candle
 from bot.daemon.market import ExchangeMarketData
+from bot.exchange.client import ExchangeClient
+from bot.exchange.rules import DECIMAL_PLACES, SIGNIFICANT_DIGITS, TICK_SIZE, MarketRules
 from strategies.accounting import Ledger, target_position
 from strategies.actions import BUY, HOLD, SELL
 from tests.fake_exchange import FakeExchange
@@ -105,6 +99,7 @@ def test_rules_from_binance_market() -> None:
     ex = binance()
     rules = MarketRules.from_ccxt_market(ex.market("BTC/USDT"), ex.precisionMode)
     assert rules == MarketRules(amount_step=1e-05, min_amount=1e-05, max_amount=82.1, min_notional=5.0)
+    assert ExchangeClient(ex).market_rules("BTC/USDT") == rules
     decimals = {"precision": {"amount": 3}, "limits": {"amount": {"min": 0.001}, "cost": {"min": 10}}}
     assert MarketRules.from_ccxt_market(decimals, DECIMAL_PLACES).amount_step == pytest.approx(0.001)
     with pytest.raises(ValueError):
@@ -204,7 +199,7 @@ def test_hold_and_same_target_trade_nothing() -> None:
 def test_realtime_fill_at_ticker_price_with_slippage_and_commission() -> None:
     fake = FakeExchange(now_ms=T + 7_000, extra_symbols=("BTC/USDT",))
     fake.ticker_last = 97_500.0
-    market = ExchangeMarketData(fake, "BTC/USDT")
+    market = ExchangeMarketData(ExchangeClient(fake), "BTC/USDT")
     candle = Candle(T - 300_000, 97_000.0, 97_600.0, 96_900.0, 97_400.0, 10.0)
     price, source = market.fill_reference(candle)
     assert (price, source) == (97_500.0, "ticker")
@@ -221,6 +216,6 @@ def test_realtime_fill_at_ticker_price_with_slippage_and_commission() -> None:
 def test_realtime_fill_falls_back_to_the_close() -> None:
     fake = FakeExchange(now_ms=T + 7_000, extra_symbols=("BTC/USDT",))
     fake.fail_next("fetch_ticker", ccxt.RequestTimeout, times=5)
-    market = ExchangeMarketData(fake, "BTC/USDT", sleep=lambda s: None)
+    market = ExchangeMarketData(ExchangeClient(fake, sleep=lambda s: None), "BTC/USDT")
     candle = Candle(T - 300_000, 97_000.0, 97_600.0, 96_900.0, 97_400.0, 10.0)
     assert market.fill_reference(candle) == (97_400.0, "close")

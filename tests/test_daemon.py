@@ -174,13 +174,14 @@ def test_realtime_day_of_ticks_against_the_fake_exchange(
     tmp_path: Path, candles: pd.DataFrame, checkpoint: Path
 ) -> None:
     """A day of paper ticks on exchange time (ticker fills, Binance's amount rules), in a second or two."""
-    from bot.brokers.base import MarketRules
     from bot.daemon.market import ExchangeMarketData
+    from bot.exchange.client import ExchangeClient
+    from bot.exchange.rules import MarketRules
 
     fake = FakeExchange(candles, now_ms=DEC1 + 5_000)
     clock = FakeClock(fake)
     settings = load_settings(settings_env(tmp_path, checkpoint, mode="paper"), env_file=None)
-    market = ExchangeMarketData(fake, "BTC/USDT", sleep=clock.sleep)
+    market = ExchangeMarketData(ExchangeClient(fake, sleep=clock.sleep), "BTC/USDT")
     rules = MarketRules.from_ccxt_market(fake.market("BTC/USDT"), fake.precisionMode)
     comps = build_daemon(settings, market, sleep=clock.sleep, rules=rules)
     try:
@@ -211,9 +212,10 @@ def test_stale_feed_skips_acting_and_logs(tmp_path: Path, candles: pd.DataFrame,
         settings_env(tmp_path, checkpoint, mode="paper", episode_steps=288, min_episode_steps=20), env_file=None
     )
     from bot.daemon.market import ExchangeMarketData
+    from bot.exchange.client import ExchangeClient
 
     comps = build_daemon(
-        settings, ExchangeMarketData(fake, "BTC/USDT", sleep=clock.sleep), sleep=clock.sleep, rules=None
+        settings, ExchangeMarketData(ExchangeClient(fake, sleep=clock.sleep), "BTC/USDT"), sleep=clock.sleep, rules=None
     )
     daemon, store = comps.daemon, comps.store
     try:
@@ -247,13 +249,14 @@ def test_missing_latest_candle_is_backfilled_by_the_retry(
     tmp_path: Path, candles: pd.DataFrame, checkpoint: Path
 ) -> None:
     from bot.daemon.market import ExchangeMarketData
+    from bot.exchange.client import ExchangeClient
     from tests.test_feed import HidingExchange
 
     fake = HidingExchange(candles, now_ms=DEC1 + 5_000)
     clock = FakeClock(fake)
     settings = load_settings(settings_env(tmp_path, checkpoint, mode="paper"), env_file=None)
     comps = build_daemon(
-        settings, ExchangeMarketData(fake, "BTC/USDT", sleep=clock.sleep), sleep=clock.sleep, rules=None
+        settings, ExchangeMarketData(ExchangeClient(fake, sleep=clock.sleep), "BTC/USDT"), sleep=clock.sleep, rules=None
     )
     try:
         comps.daemon.tick(clock.now_ms())

@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 import bot.commands.download as download_mod
 from bot.commands.download import add_arguments, main
 from bot.errors import CandleFileError, ConfigError, OperationalExchangeError, TemporaryExchangeError
+from bot.exchange.client import ExchangeClient
 from bot.files.candles import load_candles, save_candles
 from bot.offline.history import download_candles
 from strategies.candles import CANDLE_MS, Gap, iso_utc
@@ -55,7 +56,7 @@ def _ohlcv_calls(fake: FakeExchange) -> list[dict]:
 def test_full_range_pages_and_drops_forming(tmp_path: Path, src: pd.DataFrame, fake: FakeExchange) -> None:
     out = tmp_path / "btc.csv.gz"
     sleep = Recorder()
-    result = download_candles(fake, SYMBOL, "5m", _ts(src, 0), None, out, sleep=sleep, progress=False)
+    result = download_candles(ExchangeClient(fake, sleep=sleep), SYMBOL, "5m", _ts(src, 0), None, out, progress=False)
     df = load_candles(out)
     # Everything but the forming candle, identical to the source.
     pd.testing.assert_frame_equal(df, src.iloc[: N - 1].reset_index(drop=True))
@@ -75,7 +76,7 @@ def test_full_range_pages_and_drops_forming(tmp_path: Path, src: pd.DataFrame, f
 def test_whole_year_download_is_identical(tmp_path: Path, candles_2024: pd.DataFrame) -> None:
     fake = FakeExchange(candles_2024)  # clock: the last candle has just closed
     out = tmp_path / "2024.parquet"
-    result = download_candles(fake, SYMBOL, "5m", _ts(candles_2024, 0), None, out, progress=False)
+    result = download_candles(ExchangeClient(fake), SYMBOL, "5m", _ts(candles_2024, 0), None, out, progress=False)
     pd.testing.assert_frame_equal(load_candles(out), candles_2024, check_exact=True)
     assert result.api_calls == fake.calls["fetch_ohlcv"] == 106  # ceil(105,408 / 1000)
     assert all(kw["limit"] == 1000 for kw in _ohlcv_calls(fake))
@@ -83,7 +84,7 @@ def test_whole_year_download_is_identical(tmp_path: Path, candles_2024: pd.DataF
 
 def test_until_is_exclusive(tmp_path: Path, src: pd.DataFrame, fake: FakeExchange) -> None:
     out = tmp_path / "btc.csv"
-    result = download_candles(fake, SYMBOL, "5m", _ts(src, 0), _ts(src, 1500), out, progress=False)
+    result = download_candles(ExchangeClient(fake), SYMBOL, "5m", _ts(src, 0), _ts(src, 1500), out, progress=False)
     df = load_candles(out)
     assert df["ts_ms"].iloc[-1] == _ts(src, 1499)
     assert len(df) == 1500
@@ -92,7 +93,7 @@ def test_until_is_exclusive(tmp_path: Path, src: pd.DataFrame, fake: FakeExchang
 
 def test_since_is_rounded_up_to_a_candle(tmp_path: Path, src: pd.DataFrame, fake: FakeExchange) -> None:
     out = tmp_path / "btc.parquet"
-    download_candles(fake, SYMBOL, "5m", _ts(src, 10) + 1, _ts(src, 20), out, progress=False)
+    download_candles(ExchangeClient(fake), SYMBOL, "5m", _ts(src, 10) + 1, _ts(src, 20), out, progress=False)
     assert load_candles(out)["ts_ms"].tolist() == src["ts_ms"].iloc[11:20].tolist()
 
 
@@ -101,13 +102,13 @@ def test_resume_after_interruption_gives_exact_data(tmp_path: Path, src: pd.Data
     # A non-retryable failure on the third page.
     fake.fail_next("fetch_ohlcv", ccxt.ExchangeError("binance boom"), after=2)
     with pytest.raises(OperationalExchangeError, match="boom"):
-        download_candles(fake, SYMBOL, "5m", _ts(src, 0), None, out, progress=False)
+        download_candles(ExchangeClient(fake), SYMBOL, "5m", _ts(src, 0), None, out, progress=False)
     partial = load_candles(out)
     pd.testing.assert_frame_equal(partial, src.iloc[:2000].reset_index(drop=True))
 
     fake.call_log.clear()
     with capture_logs() as logs:
-        result = download_candles(fake, SYMBOL, "5m", _ts(src, 0), None, out, progress=False)
+        result = download_candles(ExchangeClient(fake), SYMBOL, "5m", _ts(src, 0), None, out, progress=False)
     df = load_candles(out)
     pd.testing.assert_frame_equal(df, src.iloc[: N - 1].reset_index(drop=True))
     assert df["ts_ms"].is_unique
@@ -119,7 +120,7 @@ def test_resume_after_interruption_gives_exact_data(tmp_path: Path, src: pd.Data
 
     # A third run has nothing to fetch.
     fake.call_log.clear()
-    again = download_candles(fake, SYMBOL, "5m", _ts(src, 0), None, out, progress=False)
+    again = download_candles(ExchangeClient(fake), SYMBOL, "5m", _ts(src, 0), None, out, progress=False)
     assert again.rows_added == 0
     assert _ohlcv_calls(fake) == []
 
@@ -135,7 +136,9 @@ def test_progress_is_on_disk_during_the_download(tmp_path: Path, src: pd.DataFra
             return super().fetch_ohlcv(*args, **kwargs)
 
     watching = Watching(src, now_ms=_ts(src, N - 1) + 120_000)
-    download_candles(watching, SYMBOL, "5m", _ts(src, 0), None, out, progress=False, flush_every_pages=1)
+    download_candles(
+        ExchangeClient(watching), SYMBOL, "5m", _ts(src, 0), None, out, progress=False, flush_every_pages=1
+    )
     assert seen_rows == [0, 1000, 2000]
 
 
@@ -147,7 +150,7 @@ def test_transient_errors_are_retried_with_backoff(tmp_path: Path, src: pd.DataF
     sleep = Recorder()
     with capture_logs() as logs:
         result = download_candles(
-            fake, SYMBOL, "5m", _ts(src, 0), None, out, sleep=sleep, rng=lambda: 1.0, progress=False
+            ExchangeClient(fake, sleep=sleep, rng=lambda: 1.0), SYMBOL, "5m", _ts(src, 0), None, out, progress=False
         )
     pd.testing.assert_frame_equal(load_candles(out), src.iloc[: N - 1].reset_index(drop=True))
     # fetch_time: one retry (1 s); second page: four retries, growing and capped (1, 2, 4, 8 s).
@@ -169,10 +172,12 @@ def test_retries_exhausted_then_rerun_completes(tmp_path: Path, src: pd.DataFram
     fake.fail_next("fetch_ohlcv", ccxt.NetworkError, times=5, after=1)
     sleep = Recorder()
     with pytest.raises(TemporaryExchangeError, match="gave up after 5 attempts"):
-        download_candles(fake, SYMBOL, "5m", _ts(src, 0), None, out, sleep=sleep, rng=lambda: 1.0, progress=False)
+        download_candles(
+            ExchangeClient(fake, sleep=sleep, rng=lambda: 1.0), SYMBOL, "5m", _ts(src, 0), None, out, progress=False
+        )
     assert sleep.delays == [1.0, 2.0, 4.0, 8.0]
     assert len(load_candles(out)) == 1000
-    download_candles(fake, SYMBOL, "5m", _ts(src, 0), None, out, sleep=sleep, progress=False)
+    download_candles(ExchangeClient(fake, sleep=sleep), SYMBOL, "5m", _ts(src, 0), None, out, progress=False)
     pd.testing.assert_frame_equal(load_candles(out), src.iloc[: N - 1].reset_index(drop=True))
 
 
@@ -182,7 +187,7 @@ def test_gaps_are_reported_not_filled(tmp_path: Path, src: pd.DataFrame) -> None
     fake = FakeExchange(holed, now_ms=_ts(src, N - 1) + CANDLE_MS)
     out = tmp_path / "btc.csv.gz"
     with capture_logs() as logs:
-        result = download_candles(fake, SYMBOL, "5m", _ts(src, 0), None, out, progress=False)
+        result = download_candles(ExchangeClient(fake), SYMBOL, "5m", _ts(src, 0), None, out, progress=False)
     assert result.gaps == (Gap(_ts(src, 499), 1), Gap(_ts(src, 1699), 3))
     pd.testing.assert_frame_equal(load_candles(out), holed)
     event = next(e for e in logs if e["event"] == "candle_gaps")
@@ -198,11 +203,11 @@ def test_file_of_another_symbol_is_refused(tmp_path: Path, src: pd.DataFrame) ->
         eth[col] = (eth[col] / 20).round(2)
     fake = FakeExchange({SYMBOL: src, "ETH/USDT": eth}, now_ms=_ts(src, N - 1) + CANDLE_MS)
     out = tmp_path / "data.csv.gz"
-    download_candles(fake, "ETH/USDT", "5m", _ts(src, 0), _ts(src, 100), out, progress=False)
+    download_candles(ExchangeClient(fake), "ETH/USDT", "5m", _ts(src, 0), _ts(src, 100), out, progress=False)
     before = out.read_bytes()
     expected = "does not continue binance BTC/USDT 5m: its last candle"
     with pytest.raises(CandleFileError, match=expected) as info:
-        download_candles(fake, SYMBOL, "5m", _ts(src, 0), None, out, progress=False)
+        download_candles(ExchangeClient(fake), SYMBOL, "5m", _ts(src, 0), None, out, progress=False)
     assert str(out) in str(info.value)
     assert out.read_bytes() == before
 
@@ -214,19 +219,21 @@ def test_file_with_another_interval_is_refused(tmp_path: Path, src: pd.DataFrame
     # Keep every 12th candle: a 1h file (timestamps still on 5-minute boundaries).
     out.write_text("\n".join([hourly[0], *hourly[1::12]]) + "\n")
     with pytest.raises(CandleFileError, match="interval looks like 60 minutes"):
-        download_candles(fake, SYMBOL, "5m", _ts(src, 0), None, out, progress=False)
+        download_candles(ExchangeClient(fake), SYMBOL, "5m", _ts(src, 0), None, out, progress=False)
 
 
 def test_cannot_prepend_but_listing_date_is_fine(tmp_path: Path, src: pd.DataFrame, fake: FakeExchange) -> None:
     out = tmp_path / "btc.csv.gz"
     save_candles(src.iloc[500:1000], out)
     with pytest.raises(CandleFileError, match="cannot prepend"):
-        download_candles(fake, SYMBOL, "5m", _ts(src, 0), None, out, progress=False)
+        download_candles(ExchangeClient(fake), SYMBOL, "5m", _ts(src, 0), None, out, progress=False)
 
     # A since before the market's first candle ("listing") is not a reason to refuse a resume.
     listed = tmp_path / "listed.csv.gz"
     save_candles(src.iloc[:1000], listed)
-    result = download_candles(fake, SYMBOL, "5m", _ts(src, 0) - 30 * 86_400_000, None, listed, progress=False)
+    result = download_candles(
+        ExchangeClient(fake), SYMBOL, "5m", _ts(src, 0) - 30 * 86_400_000, None, listed, progress=False
+    )
     pd.testing.assert_frame_equal(load_candles(listed), src.iloc[: N - 1].reset_index(drop=True))
     assert result.resumed
 
@@ -234,14 +241,14 @@ def test_cannot_prepend_but_listing_date_is_fine(tmp_path: Path, src: pd.DataFra
 def test_unknown_symbol_and_bad_arguments(tmp_path: Path, src: pd.DataFrame, fake: FakeExchange) -> None:
     out = tmp_path / "x.csv"
     with pytest.raises(OperationalExchangeError, match="binance has no market 'BTC/USDX'"):
-        download_candles(fake, "BTC/USDX", "5m", _ts(src, 0), None, out, progress=False)
+        download_candles(ExchangeClient(fake), "BTC/USDX", "5m", _ts(src, 0), None, out, progress=False)
     with pytest.raises(ConfigError, match="timeframe '1h' is not supported"):
-        download_candles(fake, SYMBOL, "1h", _ts(src, 0), None, out, progress=False)
+        download_candles(ExchangeClient(fake), SYMBOL, "1h", _ts(src, 0), None, out, progress=False)
     with pytest.raises(ConfigError, match="empty period"):
-        download_candles(fake, SYMBOL, "5m", _ts(src, 10), _ts(src, 10), out, progress=False)
+        download_candles(ExchangeClient(fake), SYMBOL, "5m", _ts(src, 10), _ts(src, 10), out, progress=False)
     fake.calls.clear()
     with pytest.raises(ConfigError, match="--since"):
-        download_candles(fake, SYMBOL, "5m", None, None, out, progress=False)
+        download_candles(ExchangeClient(fake), SYMBOL, "5m", None, None, out, progress=False)
     assert not fake.calls  # refused before any request
     assert not out.exists()
 
@@ -250,7 +257,7 @@ def test_file_reaching_past_exchange_time_is_refused(tmp_path: Path, src: pd.Dat
     out = tmp_path / "future.csv"
     save_candles(src, out)  # includes the candle that is still forming on the fake's clock
     with pytest.raises(CandleFileError, match="is not closed yet at exchange time"):
-        download_candles(fake, SYMBOL, "5m", None, None, out, progress=False)
+        download_candles(ExchangeClient(fake), SYMBOL, "5m", None, None, out, progress=False)
 
 
 # ---- CLI glue -------------------------------------------------------------------------------------------
@@ -261,9 +268,9 @@ def patched(monkeypatch: pytest.MonkeyPatch, fake: FakeExchange) -> list[tuple[s
     """make_exchange returns the fake and records what it was asked for."""
     made: list[tuple[str, dict]] = []
 
-    def fake_make_exchange(exchange_id: str, config: dict | None = None) -> FakeExchange:
+    def fake_make_exchange(exchange_id: str, config: dict | None = None) -> ExchangeClient:
         made.append((exchange_id, dict(config or {})))
-        return fake
+        return ExchangeClient(fake)
 
     monkeypatch.setattr(download_mod, "make_exchange", fake_make_exchange)
     return made

@@ -11,7 +11,7 @@ import torch
 
 from strategies.accounting import Ledger
 from strategies.actions import BUY, HOLD, POSITION_MODES, SELL
-from strategies.env import VectorTradingEnv, rollout_rewards
+from strategies.env import VectorTradingEnv
 
 C = 0.001
 
@@ -109,22 +109,6 @@ def test_env_agrees_with_the_scalar_ledger_on_real_prices(
         assert bool((env.qty_base >= 0).all())
 
 
-def test_rollout_rewards_matches_stepping() -> None:
-    gen = torch.Generator().manual_seed(2)
-    prices = 100.0 * torch.exp(torch.cumsum(0.01 * torch.randn(60, generator=gen, dtype=torch.float64), 0))
-    opens, closes = prices[:-1], prices[1:]
-    start = torch.tensor([0, 5, 20])
-    actions = torch.randint(0, 3, (3, 30), generator=gen)
-    rewards, positions = rollout_rewards(opens, closes, start, actions, "long_short", C, 2.0)
-    assert rewards.shape == (3, 30) and positions.shape == (3, 31)
-    assert positions[:, 0].tolist() == [0.0, 0.0, 0.0]
-    env = VectorTradingEnv(opens, closes, "long_short", C, 2.0)
-    env.reset(start)
-    for t in range(30):
-        assert torch.equal(rewards[:, t], env.step(actions[:, t]))
-        assert torch.equal(positions[:, t + 1], env.position)
-
-
 def test_episode_length_is_checked_against_the_data() -> None:
     env = _env([100.0] * 10, [100.0] * 10)
     start = torch.tensor([0, 6])
@@ -138,9 +122,6 @@ def test_episode_length_is_checked_against_the_data() -> None:
         env.reset(torch.tensor([0, 9]))
     with pytest.raises(ValueError, match="start_idx must lie in"):
         env.reset(torch.tensor([-1]))
-    with pytest.raises(ValueError, match="do not fit"):
-        too_long = torch.zeros(1, 5, dtype=torch.long)
-        rollout_rewards(torch.ones(10), torch.ones(10), torch.tensor([5]), too_long, "long_only")
 
 
 def test_bad_inputs_are_rejected() -> None:

@@ -25,20 +25,12 @@ from bot.errors import (
 from bot.exchange.breaker import CircuitBreaker
 from bot.exchange.client import (
     MAX_MESSAGE_CHARS,
-    amount_to_precision,
-    check_key_permissions,
+    ExchangeClient,
     classify_order_error,
-    create_market_order,
-    exchange_now_ms,
     fee_to_quote,
-    fetch_closed_candles,
-    fetch_ohlcv_page,
-    fetch_order_by_client_id,
     is_invalid_key_error,
     make_exchange,
     map_ccxt_error,
-    min_amount,
-    min_notional,
     redact,
     retry_after_s,
     retry_read,
@@ -200,7 +192,7 @@ def test_exchange_credentials_are_redacted_in_retries() -> None:
     fake.apiKey = "FAKEAPIKEY-0123456789"
     fake.fail_next("fetch_ohlcv", ccxt.NetworkError(f"binance GET ... key {fake.apiKey} failed"), times=5)
     with capture_logs() as logs, pytest.raises(TemporaryExchangeError) as info:
-        fetch_ohlcv_page(fake, "BTC/USDT", "5m", T0, sleep=Recorder())
+        ExchangeClient(fake, sleep=Recorder()).fetch_ohlcv_page("BTC/USDT", "5m", T0)
     assert fake.apiKey not in str(info.value)
     assert all(fake.apiKey not in str(e) for e in logs)
     assert fake.calls["fetch_ohlcv"] == 5
@@ -211,7 +203,9 @@ def test_exchange_credentials_are_redacted_in_retries() -> None:
 
 def test_make_exchange_settings_and_merge() -> None:
     config = {"timeout": 12_345, "options": {"defaultType": "future", "recvWindow": 7000}}
-    ex = make_exchange("binance", config)
+    client = make_exchange("binance", config)
+    assert isinstance(client, ExchangeClient) and client.id == "binance"
+    ex = client.ccxt_exchange
     assert isinstance(ex, ccxt.binance)
     assert ex.enableRateLimit is True
     assert ex.options["maxRetriesOnFailure"] == 0
@@ -220,7 +214,7 @@ def test_make_exchange_settings_and_merge() -> None:
     assert ex.options["recvWindow"] == 7000
     # ccxt's own default options survive the merge.
     assert "fetchCurrencies" in ex.options
-    assert make_exchange("binance").options["maxRetriesOnFailure"] == 0
+    assert make_exchange("binance").ccxt_exchange.options["maxRetriesOnFailure"] == 0
 
 
 @pytest.mark.parametrize(
@@ -245,7 +239,7 @@ def test_fetch_closed_candles_drops_forming_and_pages() -> None:
     raw = fake.fetch_ohlcv("BTC/USDT", "5m", since=T0 + 2_490 * CANDLE_MS, limit=1000)
     assert raw[-1][0] == T0 + 2_499 * CANDLE_MS  # the fake serves the forming candle, as Binance does
     assert raw[-1][4] != 101.0  # ... with a partial close
-    df = fetch_closed_candles(fake, "BTC/USDT", T0, fake.now_ms, sleep=Recorder())
+    df = ExchangeClient(fake, sleep=Recorder()).fetch_closed_candles("BTC/USDT", T0, fake.now_ms)
     assert len(df) == 2_499
     assert df["ts_ms"].iloc[-1] == T0 + 2_498 * CANDLE_MS
     assert df["ts_ms"].is_unique and df["ts_ms"].is_monotonic_increasing
@@ -258,16 +252,16 @@ def test_bad_symbol_is_operational_and_not_retried() -> None:
     fake = FakeExchange(_candles(10))
     sleep = Recorder()
     with pytest.raises(OperationalExchangeError, match="BadSymbol"):
-        fetch_ohlcv_page(fake, "NOPE/USDT", "5m", T0, sleep=sleep)
+        ExchangeClient(fake, sleep=sleep).fetch_ohlcv_page("NOPE/USDT", "5m", T0)
     assert fake.calls["fetch_ohlcv"] == 1
     assert sleep.delays == []
 
 
-def test_exchange_now_ms_is_retried() -> None:
+def test_server_time_ms_is_retried() -> None:
     fake = FakeExchange(_candles(10), now_ms=T0 + 123_456)
     fake.fail_next("fetch_time", ccxt.RequestTimeout, times=2)
     sleep = Recorder()
-    assert exchange_now_ms(fake, sleep=sleep, rng=lambda: 0.5) == T0 + 123_456
+    assert ExchangeClient(fake, sleep=sleep, rng=lambda: 0.5).server_time_ms() == T0 + 123_456
     assert fake.calls["fetch_time"] == 3
     assert sleep.delays == [0.5, 1.0]
 
@@ -281,6 +275,48 @@ def test_fake_fail_next_after_lets_calls_through_first() -> None:
         fake.fetch_time()
     assert fake.fetch_time() == fake.now_ms
     assert fake.calls["fetch_time"] == 4
+
+
+def test_quick_ticker_read_gives_up_after_two_attempts() -> None:
+    fake = FakeExchange(_candles(10))
+    fake.fail_next("fetch_ticker", ccxt.RequestTimeout, times=5)
+    sleep = Recorder()
+    client = ExchangeClient(fake, sleep=sleep, rng=lambda: 1.0)
+    with pytest.raises(TemporaryExchangeError, match="gave up after 2 attempts"):
+        client.fetch_ticker("BTC/USDT", quick=True)
+    assert fake.calls["fetch_ticker"] == 2 and sleep.delays == [0.5]
+    assert client.fetch_ticker("BTC/USDT")["last"] > 0  # the ordinary read retries through the other three
+    assert fake.calls["fetch_ticker"] == 2 + 4 and sleep.delays == [0.5, 1.0, 2.0, 4.0]
+
+
+class SettingsFake(FakeExchange):
+    """FakeExchange with the futures account settings (recorded, failures injectable)."""
+
+    def set_margin_mode(self, margin_mode: str, symbol: str | None = None, params: dict | None = None) -> dict:
+        self._enter("set_margin_mode", margin_mode=margin_mode, symbol=symbol)
+        return {}
+
+    def set_leverage(self, leverage: int, symbol: str | None = None, params: dict | None = None) -> dict:
+        self._enter("set_leverage", leverage=leverage, symbol=symbol)
+        return {}
+
+
+def test_account_settings_are_sent_once_and_already_set_is_success() -> None:
+    fake = SettingsFake(_candles(1))
+    fake.apiKey = "SETTINGSKEY-0123456789"
+    client = ExchangeClient(fake, sleep=Recorder())
+    assert client.set_margin_mode("isolated", "BTC/USDT") is True
+    assert client.set_leverage(1, "BTC/USDT") is True
+    no_change = 'binanceusdm {"code":-4046,"msg":"No need to change margin type."}'
+    fake.fail_next("set_margin_mode", ccxt.MarginModeAlreadySet(no_change))
+    assert client.set_margin_mode("isolated", "BTC/USDT") is False
+    fake.fail_next("set_leverage", ccxt.RequestTimeout(f"binanceusdm key {fake.apiKey} timed out"))
+    with pytest.raises(TemporaryExchangeError) as info:
+        client.set_leverage(1, "BTC/USDT")
+    assert fake.apiKey not in str(info.value) and info.value.__cause__ is None
+    assert (fake.calls["set_margin_mode"], fake.calls["set_leverage"]) == (2, 2)  # a write is never retried
+    with pytest.raises(ConfigError, match="cannot read the position mode"):
+        client.fetch_position_mode("BTC/USDT")  # the spot fake has no fetch_position_mode
 
 
 # ---- the new error-map rows: Retry-After, -2015, InvalidNonce (exception in -> our error, calls, sleeps) ---
@@ -432,15 +468,16 @@ def test_classify_order_error(exc: BaseException, outcome: str) -> None:
 
 def test_create_market_order_is_never_retried_and_carries_the_outcome() -> None:
     fake = FakeExchange(_candles(10))
+    client = ExchangeClient(fake)
     fake.fail_next("create_order", ccxt.RequestTimeout)
     with pytest.raises(TemporaryExchangeError) as info:
-        create_market_order(fake, "BTC/USDT", "buy", 0.01, client_order_id("BTC/USDT", T0, "BUY"))
+        client.create_market_order("BTC/USDT", "buy", 0.01, client_order_id("BTC/USDT", T0, "BUY"))
     assert info.value.order_outcome == "ambiguous"  # type: ignore[attr-defined]
     assert fake.calls["create_order"] == 1 and fake.orders == []
     for bad in ({"side": "long"}, {"client_id": "has space"}, {"qty": 0.0}):
         kwargs = {"side": "buy", "qty": 0.01, "client_id": "rt-ok"} | bad
         with pytest.raises(ValueError):
-            create_market_order(fake, "BTC/USDT", kwargs["side"], kwargs["qty"], kwargs["client_id"])
+            client.create_market_order("BTC/USDT", kwargs["side"], kwargs["qty"], kwargs["client_id"])
     assert fake.calls["create_order"] == 1
 
 
@@ -448,16 +485,16 @@ def test_create_market_order_is_never_retried_and_carries_the_outcome() -> None:
 
 
 def test_amount_precision_and_limits_from_the_market() -> None:
-    fake = FakeExchange(_candles(10))
-    assert amount_to_precision(fake, "BTC/USDT", 0.0123499) == 0.01234
-    assert amount_to_precision(fake, "BTC/USDT", 0.000009) == 0.0  # below one step: ccxt raises, we say 0
-    assert amount_to_precision(fake, "BTC/USDT", -1.0) == 0.0
-    assert min_notional(fake, "BTC/USDT") == 5.0
-    assert min_amount(fake, "BTC/USDT") == 1e-05
+    client = ExchangeClient(FakeExchange(_candles(10)))
+    assert client.amount_to_precision("BTC/USDT", 0.0123499) == 0.01234
+    assert client.amount_to_precision("BTC/USDT", 0.000009) == 0.0  # below one step: ccxt raises, we say 0
+    assert client.amount_to_precision("BTC/USDT", -1.0) == 0.0
+    assert client.min_notional("BTC/USDT") == 5.0
+    assert client.min_amount("BTC/USDT") == 1e-05
     real = make_exchange("binance")
-    real.markets = None
-    real.set_markets([FAKE_MARKET_FOR_REAL])
-    assert amount_to_precision(real, "BTC/USDT", 0.0123499) == 0.01234
+    real.ccxt_exchange.markets = None
+    real.ccxt_exchange.set_markets([FAKE_MARKET_FOR_REAL])
+    assert real.amount_to_precision("BTC/USDT", 0.0123499) == 0.01234
 
 
 FAKE_MARKET_FOR_REAL = {
@@ -562,20 +599,22 @@ def test_circuit_breaker_redacts_and_validates() -> None:
 
 def test_make_exchange_forces_verbose_off_and_syncs_the_clock() -> None:
     with capture_logs() as logs:
-        ex = make_exchange("binance", {"verbose": True})
+        ex = make_exchange("binance", {"verbose": True}).ccxt_exchange
     assert ex.verbose is False
     assert [e["event"] for e in logs] == ["exchange_verbose_ignored"]
     assert ex.options["adjustForTimeDifference"] is True
     assert (
-        make_exchange("binance", {"options": {"adjustForTimeDifference": False}}).options["adjustForTimeDifference"]
+        make_exchange("binance", {"options": {"adjustForTimeDifference": False}}).ccxt_exchange.options[
+            "adjustForTimeDifference"
+        ]
         is False
     )
 
 
 def test_make_exchange_credentials() -> None:
-    ex = make_exchange("binance", api_key="K" * 64, api_secret="S" * 64)
+    ex = make_exchange("binance", api_key="K" * 64, api_secret="S" * 64).ccxt_exchange
     assert ex.apiKey == "K" * 64 and ex.secret == "S" * 64
-    assert make_exchange("binance", {"apiKey": "K" * 64}, api_key="K" * 64).apiKey == "K" * 64
+    assert make_exchange("binance", {"apiKey": "K" * 64}, api_key="K" * 64).ccxt_exchange.apiKey == "K" * 64
     with pytest.raises(ConfigError, match="RITMO_API_KEY and RITMO_EXCHANGE_CONFIG's 'apiKey' differ") as info:
         make_exchange("binance", {"apiKey": "A" * 64}, api_key="K" * 64)
     assert "A" * 64 not in str(info.value) and "K" * 64 not in str(info.value)
@@ -591,7 +630,7 @@ def test_make_exchange_credentials() -> None:
 )
 def test_make_exchange_sandbox(exchange_id: str, options: dict, kind: str, host: str) -> None:
     with capture_logs() as logs:
-        ex = make_exchange(exchange_id, {"options": options}, sandbox=True)
+        ex = make_exchange(exchange_id, {"options": options}, sandbox=True).ccxt_exchange
     (event,) = [e for e in logs if e["event"] == "exchange_sandbox"]
     assert event["kind"] == kind and host in event["endpoint"]
     assert host in json.dumps(ex.urls["api"])
@@ -617,10 +656,11 @@ def test_key_permissions_are_not_reported_on_the_testnet(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     ex = make_exchange("binance", {"rateLimit": 1}, sandbox=True, api_key="K" * 64, api_secret="S" * 64)
+    ex = ExchangeClient(ex.ccxt_exchange, sleep=Recorder())
     with capture_logs() as logs:
-        assert check_key_permissions(ex, sleep=Recorder()) == {"checked": False}
+        assert ex.check_key_permissions() == {"checked": False}
     assert [e["event"] for e in logs] == ["exchange_key_permissions_unavailable"]
-    assert check_key_permissions(FakeExchange(_candles(1)), sleep=Recorder()) == {"checked": False}
+    assert ExchangeClient(FakeExchange(_candles(1)), sleep=Recorder()).check_key_permissions() == {"checked": False}
 
 
 # ---- the fake exchange's orders and balances (what the LiveBroker's fault suite relies on) ------------------
@@ -649,7 +689,7 @@ def test_fake_market_buy_and_sell_keep_balances_consistent() -> None:
     assert [t["order"] for t in fake.fetch_my_trades("BTC/USDT", params={"orderId": sell["id"]})] == [sell["id"]]
     with pytest.raises(ccxt.OrderNotFound):
         fake.fetch_order(None, "BTC/USDT", {"origClientOrderId": "rt-never"})
-    assert fetch_order_by_client_id(fake, "BTC/USDT", "rt-never", sleep=Recorder()) is None
+    assert ExchangeClient(fake, sleep=Recorder()).fetch_order_by_client_id("BTC/USDT", "rt-never") is None
 
 
 @pytest.mark.parametrize(
@@ -711,12 +751,13 @@ def test_fake_order_checks_like_binance(amount: float, exc: type[Exception], mat
 
 def test_fake_execute_then_raise_and_lookup() -> None:
     fake = _trading_fake()
+    client = ExchangeClient(fake, sleep=Recorder())
     fake.fail_after_execute("create_order", "500")
     cid = client_order_id("BTC/USDT", T0, "BUY")
     with pytest.raises(TemporaryExchangeError) as info:
-        create_market_order(fake, "BTC/USDT", "buy", 0.01, cid)
+        client.create_market_order("BTC/USDT", "buy", 0.01, cid)
     assert info.value.order_outcome == "ambiguous"  # type: ignore[attr-defined]
-    found = fetch_order_by_client_id(fake, "BTC/USDT", cid, sleep=Recorder())
+    found = client.fetch_order_by_client_id("BTC/USDT", cid)
     assert found is not None and found["filled"] == 0.01 and len(fake.orders) == 1
 
 

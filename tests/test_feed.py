@@ -11,6 +11,7 @@ import pytest
 
 from bot.daemon.feed import CandleBatch, CandleBuffer, CandleFeed, last_closed_open_ms
 from bot.daemon.market import ExchangeMarketData, ReplayMarketData
+from bot.exchange.client import ExchangeClient
 from strategies.candles import CANDLE_MS
 from tests.fake_exchange import FakeExchange
 
@@ -99,7 +100,9 @@ def test_feed_warms_up_and_drops_the_forming_candle() -> None:
     df = synthetic(2500)
     now = int(df["ts_ms"].iloc[2000]) + 120_000  # candle 2000 is forming
     fake = FakeExchange(df, now_ms=now)
-    feed = CandleFeed(ExchangeMarketData(fake, "BTC/USDT", sleep=Sleeps()), history=1265, sleep=Sleeps())
+    feed = CandleFeed(
+        ExchangeMarketData(ExchangeClient(fake, sleep=Sleeps()), "BTC/USDT"), history=1265, sleep=Sleeps()
+    )
     upd = feed.update(now)
     assert not upd.is_stale
     assert upd.latest_ts_ms == int(df["ts_ms"].iloc[1999]) == upd.expected_ts_ms
@@ -118,7 +121,7 @@ def test_gap_is_backfilled() -> None:
     now = int(df["ts_ms"].iloc[2000]) + 5_000
     fake = HidingExchange(df, now_ms=now)
     sleeps = Sleeps()
-    feed = CandleFeed(ExchangeMarketData(fake, "BTC/USDT", sleep=sleeps), history=1265, sleep=sleeps)
+    feed = CandleFeed(ExchangeMarketData(ExchangeClient(fake, sleep=sleeps), "BTC/USDT"), history=1265, sleep=sleeps)
     feed.update(now)
     # Three candles later the exchange answers first without the middle one, then with it.
     fake.advance(3 * CANDLE_MS)
@@ -135,7 +138,7 @@ def test_persistent_hole_is_accepted_after_retries() -> None:
     # An exchange outage: the candle never exists. The feed retries, then goes on without it.
     df = synthetic(2500).drop(index=2001).reset_index(drop=True)
     fake = FakeExchange(df, now_ms=int(df["ts_ms"].iloc[1999]) + 5_000)
-    feed = CandleFeed(ExchangeMarketData(fake, "BTC/USDT"), history=1265, retries=2, sleep=Sleeps())
+    feed = CandleFeed(ExchangeMarketData(ExchangeClient(fake), "BTC/USDT"), history=1265, retries=2, sleep=Sleeps())
     feed.update(fake.now_ms)  # up to the candle 1998
     fake.advance(4 * CANDLE_MS)  # 1999, 2000, (2001 never existed), 2002
     upd = feed.update(fake.now_ms)
@@ -148,7 +151,9 @@ def test_stale_feed_after_retries() -> None:
     df = synthetic(2100)
     fake = FakeExchange(df, now_ms=int(df["ts_ms"].iloc[-1]) + CANDLE_MS + 5_000)
     sleeps = Sleeps()
-    feed = CandleFeed(ExchangeMarketData(fake, "BTC/USDT", sleep=sleeps), history=1265, retries=3, sleep=sleeps)
+    feed = CandleFeed(
+        ExchangeMarketData(ExchangeClient(fake, sleep=sleeps), "BTC/USDT"), history=1265, retries=3, sleep=sleeps
+    )
     assert not feed.update(fake.now_ms).is_stale
     fake.advance(CANDLE_MS)  # the exchange's clock moves on, its candles do not
     upd = feed.update(fake.now_ms)
@@ -159,7 +164,7 @@ def test_stale_feed_after_retries() -> None:
 def test_exchange_failure_is_a_stale_tick_not_a_crash() -> None:
     df = synthetic(2100)
     fake = FakeExchange(df, now_ms=int(df["ts_ms"].iloc[-1]) + 5_000)
-    market = ExchangeMarketData(fake, "BTC/USDT", sleep=Sleeps(), rng=lambda: 0.0)
+    market = ExchangeMarketData(ExchangeClient(fake, sleep=Sleeps(), rng=lambda: 0.0), "BTC/USDT")
     feed = CandleFeed(market, history=1265, retries=1, sleep=Sleeps())
     feed.update(fake.now_ms - CANDLE_MS)
     fake.fail_next("fetch_ohlcv", ccxt.NetworkError, times=10)
@@ -170,7 +175,7 @@ def test_exchange_failure_is_a_stale_tick_not_a_crash() -> None:
 def test_long_downtime_restarts_the_window() -> None:
     df = synthetic(6000)
     fake = FakeExchange(df, now_ms=int(df["ts_ms"].iloc[2000]) + 5_000)
-    feed = CandleFeed(ExchangeMarketData(fake, "BTC/USDT"), history=1265, sleep=Sleeps())
+    feed = CandleFeed(ExchangeMarketData(ExchangeClient(fake), "BTC/USDT"), history=1265, sleep=Sleeps())
     feed.update(fake.now_ms)
     fake.advance(3000 * CANDLE_MS)  # ~10 days down
     upd = feed.update(fake.now_ms)
@@ -184,6 +189,6 @@ def test_feed_never_returns_a_candle_that_is_not_closed(lag_ms: int) -> None:
     df = synthetic(2100)
     now = int(df["ts_ms"].iloc[2000]) + lag_ms
     fake = FakeExchange(df, now_ms=now)
-    feed = CandleFeed(ExchangeMarketData(fake, "BTC/USDT"), history=1265, sleep=Sleeps())
+    feed = CandleFeed(ExchangeMarketData(ExchangeClient(fake), "BTC/USDT"), history=1265, sleep=Sleeps())
     feed.update(now)
     assert feed.buffer.last_ts_ms + CANDLE_MS <= now

@@ -25,7 +25,7 @@ from bot.brokers.live import _futures_1x_isolated
 from bot.daemon.state import StateStore, open_state
 from bot.errors import ConfigError
 from bot.exchange.breaker import CircuitBreaker
-from bot.exchange.client import make_exchange
+from bot.exchange.client import ExchangeClient, make_exchange
 from strategies.accounting import Ledger
 from strategies.actions import BUY, SELL
 from tests.fake_futures import SYMBOL, FakeFutures, ledger_cash
@@ -82,7 +82,7 @@ def make_env(
     fake = FakeFutures(now_ms=time.time_ns() // 1_000_000, wallet=wallet, **kw)
     fake.set_ticker_price(SYMBOL, PRICE)
     fake.apiKey, fake.secret = KEY, SECRET
-    _futures_1x_isolated(fake, SYMBOL)
+    _futures_1x_isolated(ExchangeClient(fake), SYMBOL)
     sleeps: list[float] = []
 
     def sleep(seconds: float) -> None:
@@ -91,13 +91,12 @@ def make_env(
 
     clock = lambda: fake.now_ms  # noqa: E731
     broker = FuturesBroker(
-        fake,
+        ExchangeClient(fake, sleep=sleep, rng=lambda: 0.5),
         symbol=SYMBOL,
         max_position_quote=cap,
         commission=FEE,
         position_mode=position_mode,
         sleep=sleep,
-        rng=lambda: 0.5,
         clock_ms=clock,
         breaker=CircuitBreaker(threshold=3, cooldown_ms=300_000, clock=clock, secrets=(KEY, SECRET)),
     )
@@ -330,24 +329,25 @@ def test_hedge_mode_is_refused_with_how_to_switch(tmp_path: Path) -> None:
     fake = FakeFutures()
     fake.set_ticker_price(SYMBOL, PRICE)
     fake.hedged = True
-    broker = FuturesBroker(fake, symbol=SYMBOL, max_position_quote=CAP, sleep=lambda s: None)
+    client = ExchangeClient(fake, sleep=lambda s: None)
+    broker = FuturesBroker(client, symbol=SYMBOL, max_position_quote=CAP, sleep=lambda s: None)
     with pytest.raises(ConfigError, match="hedge mode") as info:
         broker.opening_ledger(0.0)
     assert "One-way" in str(info.value) and info.value.exit_code == 78
     with pytest.raises(ConfigError, match="hedge mode"):
         broker.check_balances(Ledger(cash_quote=1000.0))
     with pytest.raises(ConfigError, match="hedge mode"):
-        check_one_way_mode(fake, SYMBOL, sleep=lambda s: None)
+        check_one_way_mode(client, SYMBOL)
     fake.hedged = False
-    check_one_way_mode(fake, SYMBOL, sleep=lambda s: None)
+    check_one_way_mode(client, SYMBOL)
 
 
 def test_start_sets_1x_isolated_explicitly(tmp_path: Path) -> None:
     fake = FakeFutures()
     assert (fake.margin_mode, fake.leverage) == ("cross", 20)  # Binance's defaults
-    _futures_1x_isolated(fake, SYMBOL)
+    _futures_1x_isolated(ExchangeClient(fake), SYMBOL)
     assert (fake.margin_mode, fake.leverage) == ("isolated", 1)
-    _futures_1x_isolated(fake, SYMBOL)  # "No need to change margin type" is fine
+    _futures_1x_isolated(ExchangeClient(fake), SYMBOL)  # "No need to change margin type" is fine
 
 
 def test_opening_ledger_adopts_an_existing_position_and_refuses_what_is_not_ritmos(tmp_path: Path) -> None:
@@ -357,14 +357,15 @@ def test_opening_ledger_adopts_an_existing_position_and_refuses_what_is_not_ritm
     assert (ledger.qty_base, ledger.position) == (pytest.approx(-0.01), -1)
     assert ledger.cash_quote == pytest.approx(ledger_cash(env.fake))
     assert equity == pytest.approx(env.fake.fetch_balance()["total"]["USDT"])
-    long_only = FuturesBroker(env.fake, symbol=SYMBOL, max_position_quote=CAP, position_mode="long_only")
+    client = ExchangeClient(env.fake)
+    long_only = FuturesBroker(client, symbol=SYMBOL, max_position_quote=CAP, position_mode="long_only")
     with pytest.raises(ConfigError, match="long_only"):
         long_only.opening_ledger(0.0)
-    small_cap = FuturesBroker(env.fake, symbol=SYMBOL, max_position_quote=100.0)
+    small_cap = FuturesBroker(client, symbol=SYMBOL, max_position_quote=100.0)
     with pytest.raises(ConfigError, match="RITMO_MAX_POSITION_QUOTE"):
         small_cap.opening_ledger(0.0)
     with pytest.raises(ConfigError, match="BTC/USDT:USDT"):
-        FuturesBroker(env.fake, symbol="BTC/USDT", max_position_quote=CAP)
+        FuturesBroker(client, symbol="BTC/USDT", max_position_quote=CAP)
     with pytest.raises(ValueError, match="long_only"):
         tick(Env(env.fake, long_only, env.store, Ledger(cash_quote=1000.0), []), -1, offset=1)
     env.store.close()
@@ -508,10 +509,11 @@ def test_status_names_the_market(env: Env) -> None:
 def test_real_ccxt_binanceusdm_client_round_trip(tmp_path: Path) -> None:
     fake = FakeFutures(now_ms=time.time_ns() // 1_000_000)
     fake.set_ticker_price(SYMBOL, PRICE)
-    ex = make_exchange("binanceusdm", {}, api_key=KEY, api_secret=SECRET)
-    ex.set_markets(list(fake.parser.markets.values()))
-    ex.enableRateLimit = False  # the fake answers at once; nothing leaves the process
-    ex.fetch = fake.serve  # every HTTP request of the client goes to the fake
+    real = make_exchange("binanceusdm", {}, api_key=KEY, api_secret=SECRET).ccxt_exchange
+    real.set_markets(list(fake.parser.markets.values()))
+    real.enableRateLimit = False  # the fake answers at once; nothing leaves the process
+    real.fetch = fake.serve  # every HTTP request of the client goes to the fake
+    ex = ExchangeClient(real, sleep=lambda s: None)
     _futures_1x_isolated(ex, SYMBOL)  # what check_live_start does, through the real client
     _futures_1x_isolated(ex, SYMBOL)  # -4046 swallowed by ccxt
     assert (fake.margin_mode, fake.leverage) == ("isolated", 1)

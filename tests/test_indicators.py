@@ -14,14 +14,7 @@ import pandas as pd
 import pytest
 import ta
 
-from strategies.indicators import (
-    average_directional_index,
-    average_true_range,
-    bollinger_bands,
-    commodity_channel_index,
-    money_flow_index,
-    rolling_mean_std,
-)
+from strategies import indicators
 
 RTOL = 1e-9
 
@@ -74,7 +67,7 @@ def ticky() -> pd.DataFrame:
 def test_atr_equals_ta_full_year(hlcv) -> None:
     h, lo, c, _ = hlcv
     w = 14
-    mine = average_true_range(h, lo, c, w)
+    mine = indicators.average_true_range(h, lo, c, w)
     ref = ta.volatility.AverageTrueRange(h, lo, c, w, fillna=False).average_true_range().to_numpy()
     # ta writes 0.0 (not NaN) into its warm-up rows; we return NaN there.
     assert np.isnan(mine[: w - 1]).all() and (ref[: w - 1] == 0).all()
@@ -85,7 +78,7 @@ def test_atr_equals_ta_full_year(hlcv) -> None:
 @pytest.mark.parametrize("w", [5, 30])
 def test_atr_other_windows_quarter(quarter, w) -> None:
     q = quarter
-    mine = average_true_range(q["high"], q["low"], q["close"], w)
+    mine = indicators.average_true_range(q["high"], q["low"], q["close"], w)
     ref = ta.volatility.AverageTrueRange(q["high"], q["low"], q["close"], w).average_true_range()
     assert_close(mine, ref, slice(w - 1, None))
 
@@ -96,7 +89,7 @@ def test_atr_other_windows_quarter(quarter, w) -> None:
 
 
 def _check_adx(h: pd.Series, lo: pd.Series, c: pd.Series, w: int) -> None:
-    mine = average_directional_index(h, lo, c, w)
+    mine = indicators.average_directional_index(h, lo, c, w)
     ref = ta.trend.ADXIndicator(h, lo, c, w, fillna=False)
     adx, pos, neg = ref.adx().to_numpy(), ref.adx_pos().to_numpy(), ref.adx_neg().to_numpy()
     # ADX: ta's warm-up rows 0..2w-2 are 0.0; ours NaN.
@@ -128,7 +121,7 @@ def test_adx_other_windows_quarter(quarter, w) -> None:
 
 def test_cci_equals_ta_full_year(hlcv) -> None:
     h, lo, c, _ = hlcv
-    mine = commodity_channel_index(h, lo, c, 20, 0.015)
+    mine = indicators.commodity_channel_index(h, lo, c, 20, 0.015)
     ref = ta.trend.CCIIndicator(h, lo, c, 20, 0.015, fillna=False).cci()
     assert np.isnan(mine[:19]).all() and np.isfinite(mine[19:]).all()
     assert_close(mine, ref)
@@ -137,13 +130,13 @@ def test_cci_equals_ta_full_year(hlcv) -> None:
 @pytest.mark.parametrize(("w", "constant"), [(10, 0.015), (48, 0.02)])
 def test_cci_other_windows_quarter(quarter, w, constant) -> None:
     q = quarter
-    mine = commodity_channel_index(q["high"], q["low"], q["close"], w, constant)
+    mine = indicators.commodity_channel_index(q["high"], q["low"], q["close"], w, constant)
     assert_close(mine, ta.trend.CCIIndicator(q["high"], q["low"], q["close"], w, constant).cci())
 
 
 def test_mfi_equals_ta_full_year(hlcv) -> None:
     h, lo, c, v = hlcv
-    mine = money_flow_index(h, lo, c, v, 14)
+    mine = indicators.money_flow_index(h, lo, c, v, 14)
     ref = ta.volume.MFIIndicator(h, lo, c, v, 14, fillna=False).money_flow_index()
     assert np.isnan(mine[:13]).all() and np.isfinite(mine[13:]).all()
     assert_close(mine, ref)
@@ -152,7 +145,7 @@ def test_mfi_equals_ta_full_year(hlcv) -> None:
 @pytest.mark.parametrize("w", [5, 30])
 def test_mfi_other_windows_quarter(quarter, w) -> None:
     q = quarter
-    mine = money_flow_index(q["high"], q["low"], q["close"], q["volume"], w)
+    mine = indicators.money_flow_index(q["high"], q["low"], q["close"], q["volume"], w)
     assert_close(mine, ta.volume.MFIIndicator(q["high"], q["low"], q["close"], q["volume"], w).money_flow_index())
 
 
@@ -164,25 +157,25 @@ def test_mfi_other_windows_quarter(quarter, w) -> None:
 def test_all_equal_ta_on_ties_and_flat_market(ticky) -> None:
     h, lo, c, v = ticky["high"], ticky["low"], ticky["close"], ticky["volume"]
     assert_close(
-        average_true_range(h, lo, c, 14),
+        indicators.average_true_range(h, lo, c, 14),
         ta.volatility.AverageTrueRange(h, lo, c, 14).average_true_range(),
         slice(13, None),
     )
     _check_adx(h, lo, c, 14)
-    cci = commodity_channel_index(h, lo, c, 20)
+    cci = indicators.commodity_channel_index(h, lo, c, 20)
     assert np.isnan(cci[1019:1040]).all()  # 0/0 in the flat stretch, as in ta
     assert_close(cci, ta.trend.CCIIndicator(h, lo, c, 20).cci())
-    mfi = money_flow_index(h, lo, c, v, 14)
+    mfi = indicators.money_flow_index(h, lo, c, v, 14)
     assert np.isnan(mfi[1014:1040]).all()
     assert_close(mfi, ta.volume.MFIIndicator(h, lo, c, v, 14).money_flow_index())
 
 
 def test_short_inputs_are_all_nan() -> None:
     x = np.array([1.0, 2.0, 3.0])
-    assert np.isnan(average_true_range(x + 1, x - 1, x, 14)).all()
-    assert all(np.isnan(a).all() for a in average_directional_index(x + 1, x - 1, x, 14))
-    assert np.isnan(commodity_channel_index(x + 1, x - 1, x, 14)).all()
-    assert np.isnan(money_flow_index(x + 1, x - 1, x, x, 14)).all()
+    assert np.isnan(indicators.average_true_range(x + 1, x - 1, x, 14)).all()
+    assert all(np.isnan(a).all() for a in indicators.average_directional_index(x + 1, x - 1, x, 14))
+    assert np.isnan(indicators.commodity_channel_index(x + 1, x - 1, x, 14)).all()
+    assert np.isnan(indicators.money_flow_index(x + 1, x - 1, x, x, 14)).all()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,14 +187,14 @@ def test_rolling_mean_std_is_exact_per_window(hlcv) -> None:
     """Every window's mean/std equals numpy on that window alone (so it cannot depend on earlier data)."""
     close = hlcv[2].to_numpy()
     w = 48
-    mean, std = rolling_mean_std(close, w)
+    mean, std = indicators.rolling_mean_std(close, w)
     assert np.isnan(mean[: w - 1]).all() and np.isnan(std[: w - 1]).all()
     rows = np.random.default_rng(0).integers(w - 1, len(close), 200)
     for t in rows:
         win = close[t - w + 1 : t + 1]
         assert abs(mean[t] - win.mean()) <= 1e-15 * win.mean()
         assert abs(std[t] - win.std()) <= 1e-12 * win.std()
-    flat_mean, flat_std = rolling_mean_std(np.full(30, 42283.58), 20)
+    flat_mean, flat_std = indicators.rolling_mean_std(np.full(30, 42283.58), 20)
     assert (flat_mean[19:] == 42283.58).all() and (flat_std[19:] == 0.0).all()
 
 
@@ -209,7 +202,7 @@ def test_bollinger_equals_ta_up_to_ta_rolling_std_error(hlcv) -> None:
     """Bands equal ta's to 1e-6: ta's pandas rolling std on raw prices is itself off by up to ~1e-7."""
     close = hlcv[2]
     w = 20
-    mine = bollinger_bands(close, w, 2)
+    mine = indicators.bollinger_bands(close, w, 2)
     ref = ta.volatility.BollingerBands(close, w, 2, fillna=False)
     np.testing.assert_allclose(mine.mavg[w - 1 :], ref.bollinger_mavg()[w - 1 :], rtol=1e-12)
     for m, r in (

@@ -23,7 +23,7 @@ from bot.brokers.live import LiveBroker, check_live_start, reconcile_balance
 from bot.daemon.state import StateStore, open_state
 from bot.errors import AuthenticationExchangeError, ConfigError
 from bot.exchange.breaker import CircuitBreaker
-from bot.exchange.client import make_exchange
+from bot.exchange.client import ExchangeClient, make_exchange
 from bot.settings import LIVE_CONFIRM_PHRASE, Settings
 from strategies.accounting import Ledger
 from strategies.actions import BUY, SELL
@@ -90,11 +90,10 @@ def make_env(
 
     clock = lambda: fake.now_ms  # noqa: E731
     broker = LiveBroker(
-        fake,
+        ExchangeClient(fake, sleep=sleep, rng=lambda: 0.5),
         symbol=SYMBOL,
         max_position_quote=cap,
         sleep=sleep,
-        rng=lambda: 0.5,
         clock_ms=clock,
         breaker=breaker or CircuitBreaker(threshold=3, cooldown_ms=300_000, clock=clock, secrets=(KEY, SECRET)),
     )
@@ -341,7 +340,7 @@ def test_reconcile_balance_exchange_wins_beyond_dust(env: Env) -> None:
     env.fake.set_balance("BTC", 0.004)
     env.fake.set_balance("USDT", 800.0)
     with capture_logs() as logs:
-        out = reconcile_balance(env.fake, env.ledger, SYMBOL, dust_quote=1.0, sleep=lambda s: None)
+        out = reconcile_balance(ExchangeClient(env.fake, sleep=lambda s: None), env.ledger, SYMBOL, dust_quote=1.0)
     assert out["adjusted"] and out["exchange_qty_base"] == 0.004 and out["ledger_cash_quote"] == 1_000.0
     [event] = [e for e in logs if e["event"] == "ledger_adjusted"]
     assert event["log_level"] == "error"  # logged loudly
@@ -349,7 +348,7 @@ def test_reconcile_balance_exchange_wins_beyond_dust(env: Env) -> None:
     env.assert_ledger_matches_exchange()
     # Within dust: nothing changes.
     env.fake.set_balance("USDT", 800.5)
-    assert not reconcile_balance(env.fake, env.ledger, SYMBOL, sleep=lambda s: None)["adjusted"]
+    assert not reconcile_balance(ExchangeClient(env.fake, sleep=lambda s: None), env.ledger, SYMBOL)["adjusted"]
     assert env.ledger.cash_quote == 800.0
 
 
@@ -391,15 +390,16 @@ class UsdmFake(KeyedFake):
 
 
 def test_check_live_start_refuses_missing_prerequisites(tmp_path: Path) -> None:
-    ex = KeyedFake(symbol=SYMBOL)
+    fake = KeyedFake(symbol=SYMBOL)
+    ex = ExchangeClient(fake, sleep=lambda s: None)
     for bad in ({"live_confirm": "yes"}, {"api_key": ""}, {"max_position_quote": None}):
         with pytest.raises(ConfigError):
             check_live_start(_live_settings(**bad), ex, env_file=None)
     with pytest.raises(ConfigError, match="long_short"):
         check_live_start(_live_settings(position_mode="long_short"), ex, env_file=None)
-    ex.can_withdraw = True
+    fake.can_withdraw = True
     with pytest.raises(AuthenticationExchangeError) as info:
-        check_live_start(_live_settings(), ex, env_file=None, sleep=lambda s: None)
+        check_live_start(_live_settings(), ex, env_file=None)
     assert info.value.exit_code == 77
 
 
@@ -409,14 +409,18 @@ def test_check_live_start_sets_1x_isolated_on_usdm_and_warns_on_env_file(tmp_pat
     env_file.write_text("RITMO_MODE=live\n")
     env_file.chmod(0o644)
     with capture_logs() as logs:
-        check_live_start(_live_settings(position_mode="long_short"), ex, env_file=env_file, sleep=lambda s: None)
+        check_live_start(
+            _live_settings(position_mode="long_short"), ExchangeClient(ex, sleep=lambda s: None), env_file=env_file
+        )
     calls = [(n, kw) for n, kw in ex.call_log if n.startswith("set_")]
     assert ("set_margin_mode", {"mode": "isolated", "symbol": SYMBOL}) in calls
     assert ("set_leverage", {"leverage": 1, "symbol": SYMBOL}) in calls
     assert [e for e in logs if e["event"] == "env_file_permissions"]
     env_file.chmod(0o600)
     with capture_logs() as logs:
-        check_live_start(_live_settings(), KeyedFake(symbol=SYMBOL), env_file=env_file, sleep=lambda s: None)
+        check_live_start(
+            _live_settings(), ExchangeClient(KeyedFake(symbol=SYMBOL), sleep=lambda s: None), env_file=env_file
+        )
     assert not [e for e in logs if e["event"] == "env_file_permissions"]
 
 
@@ -459,10 +463,13 @@ def _localhost_only(localhost_only: None) -> None:
     """Only 127.0.0.1 (tests/conftest.py)."""
 
 
-def _real_client_env(tmp_path: Path, server: FakeBinance) -> tuple[Any, LiveBroker, StateStore, Ledger]:
-    ex = make_exchange("binance", server.ccxt_config(timeout_ms=400), api_key=TEST_API_KEY, api_secret=TEST_API_SECRET)
-    ex.load_markets()
-    broker = LiveBroker(ex, symbol=SYMBOL, max_position_quote=CAP, sleep=lambda s: None, rng=lambda: 0.0)
+def _real_client_env(tmp_path: Path, server: FakeBinance) -> tuple[ExchangeClient, LiveBroker, StateStore, Ledger]:
+    real = make_exchange(
+        "binance", server.ccxt_config(timeout_ms=400), api_key=TEST_API_KEY, api_secret=TEST_API_SECRET
+    )
+    ex = ExchangeClient(real.ccxt_exchange, sleep=lambda s: None, rng=lambda: 0.0)
+    ex.check_symbol(SYMBOL)  # loads the markets
+    broker = LiveBroker(ex, symbol=SYMBOL, max_position_quote=CAP, sleep=lambda s: None)
     broker.note_close(50_000.0)
     store = open_state(tmp_path / "real.db", mode="live", symbol=SYMBOL)
     return ex, broker, store, Ledger(cash_quote=10_000.0)

@@ -29,7 +29,6 @@ import pandas as pd
 import pytest
 import torch
 
-from bot.brokers.base import MarketRules
 from bot.commands import run as runner
 from bot.commands.status import collect_status
 from bot.daemon.feed import last_closed_open_ms
@@ -37,7 +36,7 @@ from bot.daemon.market import ExchangeMarketData
 from bot.daemon.state import StateStore, open_state_readonly
 from bot.daemon.tick import Daemon, TickOutcome
 from bot.errors import EXIT_NOPERM, AuthenticationExchangeError
-from bot.exchange.client import check_symbol
+from bot.exchange.client import ExchangeClient
 from bot.logs import configure_logging
 from bot.settings import LIVE_CONFIRM_PHRASE, Settings, load_settings, state_db_path
 from strategies.bundle import observe
@@ -137,15 +136,16 @@ class Live:
         self.fake = fake
         self.clock = FakeClock(fake)
         # What run_realtime does before the daemon is built (markets, market rules, the live broker factory).
-        check_symbol(fake, self.settings.symbol, sleep=self.clock.sleep)
-        market = ExchangeMarketData(fake, self.settings.symbol, sleep=self.clock.sleep)
-        rules = MarketRules.from_ccxt_market(market.market(), fake.precisionMode)
+        client = ExchangeClient(fake, sleep=self.clock.sleep)
+        client.check_symbol(self.settings.symbol)
+        market = ExchangeMarketData(client, self.settings.symbol)
+        rules = client.market_rules(self.settings.symbol)
         comps = runner.build_daemon(
             self.settings,
             market,
             sleep=self.clock.sleep,
             rules=rules,
-            make_broker=runner.live_broker_factory(self.settings, fake, self.clock, env_file=None),
+            make_broker=runner.live_broker_factory(self.settings, client, self.clock, env_file=None),
         )
         self.daemon: Daemon = comps.daemon
         self.store: StateStore = comps.store
@@ -656,8 +656,10 @@ def test_refused_orders_are_rejected_without_a_ledger_change(
 
 def run_once(settings: Settings, fake: FakeExchange) -> int:
     """`ritmo run --once` in-process on the fake exchange (the live start checks included)."""
+    clock = FakeClock(fake)
+    client = ExchangeClient(fake, sleep=clock.sleep)
     return runner.run_realtime(
-        settings, once=True, greedy=False, stop=runner.StopSignal(), exchange=fake, clock=FakeClock(fake), env_file=None
+        settings, once=True, greedy=False, stop=runner.StopSignal(), client=client, clock=clock, env_file=None
     )
 
 
@@ -707,6 +709,7 @@ def test_authentication_error_on_a_private_read_stops_the_scheduler_with_77(
     fake = make_fake(candles)
     # The start reads the balance twice (opening ledger, balance check); the tick's pre-flight read is the 3rd.
     fake.fail_next("fetch_balance", "invalid_key_after_auth", times=2, after=2)
+    clock = SteppingClock(fake)
     stop = runner.StopSignal().install()
     try:
         rc = runner.run_realtime(
@@ -714,8 +717,8 @@ def test_authentication_error_on_a_private_read_stops_the_scheduler_with_77(
             once=False,
             greedy=False,
             stop=stop,
-            exchange=fake,
-            clock=SteppingClock(fake),
+            client=ExchangeClient(fake, sleep=clock.sleep),
+            clock=clock,
             trigger=IntervalTrigger(seconds=0.2, timezone=UTC),
             local_ms=lambda: fake.now_ms,
             env_file=None,

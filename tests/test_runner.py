@@ -22,6 +22,7 @@ import pytest
 
 from bot.cli import main as cli_main
 from bot.commands import run as runner
+from bot.exchange.client import ExchangeClient
 from bot.settings import load_settings
 from strategies.candles import CANDLE_MS, parse_utc_date_ms
 from tests.conftest import DATA_2024, assert_secrets_absent
@@ -293,7 +294,7 @@ def test_scheduled_paper_daemon_stops_cleanly_on_sigterm_mid_tick(
             once=False,
             greedy=False,
             stop=stop,
-            exchange=fake,
+            client=ExchangeClient(fake, sleep=clock.sleep),
             clock=clock,
             trigger=IntervalTrigger(seconds=0.3, timezone=UTC),
             local_ms=lambda: fake.now_ms,
@@ -339,9 +340,9 @@ def test_once_against_the_fake_exchange_logs_json_without_secrets(
     configure_logging("json", "DEBUG", stream=out, secrets=settings.secret_values())
     fake = FakeExchange(candles, now_ms=DEC1 + 5_000)
     fake.apiKey, fake.secret = KEY, SECRET
-    rc = runner.run_realtime(
-        settings, once=True, greedy=False, stop=runner.StopSignal(), exchange=fake, clock=SteppingClock(fake)
-    )
+    clock = SteppingClock(fake)
+    client = ExchangeClient(fake, sleep=clock.sleep)
+    rc = runner.run_realtime(settings, once=True, greedy=False, stop=runner.StopSignal(), client=client, clock=clock)
     assert rc == 0
     events = [json.loads(line) for line in out.getvalue().splitlines()]
     ticks = [e for e in events if e["event"] == "tick"]
@@ -363,9 +364,7 @@ def test_once_against_the_fake_exchange_logs_json_without_secrets(
     assert KEY not in out.getvalue() and SECRET not in out.getvalue()
     assert notify_socket.messages() == ["READY=1", "WATCHDOG=1", "STOPPING=1"]
     # A second --once on the same candle does nothing (idempotent).
-    rc = runner.run_realtime(
-        settings, once=True, greedy=False, stop=runner.StopSignal(), exchange=fake, clock=SteppingClock(fake)
-    )
+    rc = runner.run_realtime(settings, once=True, greedy=False, stop=runner.StopSignal(), client=client, clock=clock)
     assert rc == 0 and "once_nothing_to_do" in out.getvalue()
     assert_secrets_absent((KEY, SECRET), out.getvalue(), tmp_path)
 

@@ -31,9 +31,7 @@ Fees are charged in USDT (from the wallet: from the ledger's cash) or in BNB (ou
 
 from __future__ import annotations
 
-import random
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -42,14 +40,7 @@ import structlog
 from bot.brokers.base import OrderIntent
 from bot.brokers.live import _CAP_TOLERANCE, DUST_QUOTE, LiveBroker
 from bot.errors import ConfigError, OperationalExchangeError
-from bot.exchange.client import (
-    amount_to_precision,
-    fee_to_quote,
-    fetch_balance,
-    fetch_my_trades,
-    min_amount,
-    retry_read,
-)
+from bot.exchange.client import ExchangeClient, fee_to_quote
 from strategies.accounting import Fill, Ledger, Side
 
 log = structlog.get_logger(__name__)
@@ -68,21 +59,12 @@ HEDGE_MODE_FIX = (
 )
 
 
-def check_one_way_mode(
-    exchange: Any,
-    symbol: str | None = None,
-    *,
-    sleep: Callable[[float], None] = time.sleep,
-    rng: Callable[[], float] = random.random,
-) -> None:
+def check_one_way_mode(client: ExchangeClient, symbol: str | None = None) -> None:
     """Refuse a futures account in hedge mode (Binance GET /fapi/v1/positionSide/dual) with how to switch it."""
-    fetch = getattr(exchange, "fetch_position_mode", None)
-    if fetch is None:
-        raise ConfigError(f"{getattr(exchange, 'id', '?')}: ccxt cannot read the position mode (fetch_position_mode)")
-    mode = retry_read(lambda: fetch(symbol), sleep=sleep, rng=rng, op="fetch_position_mode", exchange=exchange)
+    mode = client.fetch_position_mode(symbol)
     # ccxt: {'info': {'dualSidePosition': bool}, 'hedged': bool}; anything but an explicit False is refused.
     if (mode or {}).get("hedged") is not False:
-        log.error("futures_hedge_mode", exchange=getattr(exchange, "id", "?"), hedged=(mode or {}).get("hedged"))
+        log.error("futures_hedge_mode", exchange=client.id, hedged=(mode or {}).get("hedged"))
         raise ConfigError(HEDGE_MODE_FIX)
     log.info("futures_setting", setting="position_mode", value="one_way")
 
@@ -128,12 +110,14 @@ class FuturesBroker(LiveBroker):
     # exchange's position and wallet before every decision (two reads per 5-minute tick).
     balance_check_each_tick = True
 
-    def __init__(self, exchange: Any, *, symbol: str, position_mode: str = "long_short", **kwargs: Any) -> None:
+    def __init__(
+        self, client: ExchangeClient, *, symbol: str, position_mode: str = "long_short", **kwargs: Any
+    ) -> None:
         if ":" not in symbol:
             raise ConfigError(f"symbol {symbol!r}: a USD-M perpetual is named BASE/QUOTE:SETTLE, e.g. BTC/USDT:USDT")
         if position_mode not in ("long_only", "long_short"):
             raise ValueError(f"position_mode must be long_only or long_short, got {position_mode!r}")
-        super().__init__(exchange, symbol=symbol, position_mode=position_mode, **kwargs)
+        super().__init__(client, symbol=symbol, position_mode=position_mode, **kwargs)
         self.settle = symbol.split(":", 1)[1]
         if self.settle != self.quote:
             raise ConfigError(f"symbol {symbol!r}: only linear contracts settled in the quote currency are supported")
@@ -149,32 +133,24 @@ class FuturesBroker(LiveBroker):
         """Once: the symbol is a linear contract of size 1, and the account is in one-way position mode."""
         if self._is_ready:
             return
-        market = self.exchange.market(self.symbol)
+        market = self.client.market(self.symbol)
         if not (market.get("contract") and market.get("linear")):
-            raise ConfigError(f"{self.symbol} on {self.exchange.id} is not a linear futures contract")
+            raise ConfigError(f"{self.symbol} on {self.client.id} is not a linear futures contract")
         # Amounts are sent in contracts; ritmo's are base units, the same only for a contract size of 1.
         if float(market.get("contractSize") or 1.0) != 1.0:
             raise ConfigError(f"{self.symbol}: contract size {market.get('contractSize')} is not 1")
-        self._read(lambda: check_one_way_mode(self.exchange, self.symbol, sleep=self._sleep, rng=self._rng))
+        self._read(lambda: check_one_way_mode(self.client, self.symbol))
         self._is_ready = True
 
     def _min_qty(self) -> float:
         """The smallest amount an order may have (LOT_SIZE minQty, else the amount step)."""
-        lo = min_amount(self.exchange, self.symbol)
-        step = (self.exchange.market(self.symbol).get("precision") or {}).get("amount")
+        lo = self.client.min_amount(self.symbol)
+        step = (self.client.market(self.symbol).get("precision") or {}).get("amount")
         return float(lo or step or 0.0)
 
     def _position(self) -> tuple[float, float]:
         """(signed size in base units, entry price) of the symbol's position; (0.0, 0.0) when flat."""
-        positions = self._read(
-            lambda: retry_read(
-                lambda: self.exchange.fetch_positions([self.symbol]),
-                sleep=self._sleep,
-                rng=self._rng,
-                op="fetch_positions",
-                exchange=self.exchange,
-            )
-        )
+        positions = self._read(lambda: self.client.fetch_positions([self.symbol]))
         # ccxt drops flat positions (entryPrice 0) from binance's positionRisk: none left means flat.
         mine = [p for p in positions or [] if p.get("symbol") == self.symbol and float(p.get("contracts") or 0.0)]
         if any(p.get("hedged") for p in mine) or len(mine) > 1:
@@ -195,7 +171,7 @@ class FuturesBroker(LiveBroker):
 
     def _account(self) -> tuple[float, float, float]:
         """(wallet balance, available balance, margin balance) of the settle asset, from one fetch_balance."""
-        raw = self._read(lambda: fetch_balance(self.exchange, sleep=self._sleep, rng=self._rng))
+        raw = self._read(self.client.fetch_balance)
         free = float((raw.get("free") or {}).get(self.settle) or 0.0)
         margin = float((raw.get("total") or {}).get(self.settle) or 0.0)
         return wallet_balance(raw, self.settle), free, margin
@@ -263,7 +239,7 @@ class FuturesBroker(LiveBroker):
         self._ensure_ready()
         _, free, margin_balance = self._account()
         qty = self._clamp(side, qty, ref_price, ledger.qty_base, free, margin_balance)
-        return amount_to_precision(self.exchange, self.symbol, qty * (1 + _AMOUNT_NUDGE))
+        return self.client.amount_to_precision(self.symbol, qty * (1 + _AMOUNT_NUDGE))
 
     def _order_params(self, side: Side, qty: float, ledger: Ledger) -> dict[str, Any]:
         """reduceOnly exactly when the order only shrinks the position (never when it opens exposure)."""
@@ -296,7 +272,7 @@ class FuturesBroker(LiveBroker):
             return super()._rules_problem(qty, price, params)
         if not qty > 0:
             return "amount below the amount step"
-        lo = min_amount(self.exchange, self.symbol)
+        lo = self.client.min_amount(self.symbol)
         if lo is not None and qty < lo:
             return f"amount {qty} below the minimum amount {lo} (LOT_SIZE)"
         return None
@@ -322,18 +298,14 @@ class FuturesBroker(LiveBroker):
             for attempt in range(self.lookup_attempts):
                 if attempt:
                     self._sleep(self.lookup_interval_s)  # userTrades may lag the order by a moment
-                found = self._read(
-                    lambda: fetch_my_trades(
-                        self.exchange, self.symbol, order_id=str(order_id), sleep=self._sleep, rng=self._rng
-                    )
-                )
+                found = self._read(lambda: self.client.fetch_my_trades(self.symbol, order_id=str(order_id)))
                 trades = [dict(t) for t in found if str(t.get("order", order_id)) == str(order_id)]
                 if sum(float(t.get("amount") or 0.0) for t in trades) >= filled * (1 - _AMOUNT_NUDGE):
                     return trades
         # Not shown in time: book the order as one trade at its average price with the fee estimated at the
         # market's taker rate; check_balances corrects the difference from the wallet beyond dust.
         price = float(order.get("average") or 0.0) or float(order.get("cost") or 0.0) / filled
-        rate = float(self.exchange.market(self.symbol).get("taker") or self.commission)
+        rate = float(self.client.market(self.symbol).get("taker") or self.commission)
         fee = rate * filled * price
         log.warning(
             "order_trades_missing", exchange_order_id=str(order_id), filled=filled, seen=len(trades), fee_estimated=fee

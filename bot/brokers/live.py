@@ -24,13 +24,12 @@ equal the exchange's; a BNB fee is converted at the BNB/quote ticker (retried re
 equal to the exchange's quote balance.
 
 Client order ids come from `bot.brokers.base.client_order_id` (the one PaperBroker, hence the daemon, already uses),
-so paper and live states name orders the same way. The exchange module (`bot.exchange.client`) stays the only ccxt
-importer: every call here goes through its helpers or is mapped with `map_ccxt_error`.
+so paper and live states name orders the same way. Every exchange call goes through the `ExchangeClient`
+(bot/exchange/client.py): its reads are retried there, its order is sent once.
 """
 
 from __future__ import annotations
 
-import random
 import stat
 import time
 from collections.abc import Callable, Mapping
@@ -63,19 +62,9 @@ from bot.exchange.client import (
     ORDER_AMBIGUOUS,
     ORDER_AUTH,
     ORDER_REJECTED,
-    amount_to_precision,
-    check_key_permissions,
+    ExchangeClient,
     classify_order_error,
-    create_market_order,
     fee_to_quote,
-    fetch_balance,
-    fetch_my_trades,
-    fetch_order_by_client_id,
-    map_ccxt_error,
-    min_amount,
-    min_notional,
-    retry_read,
-    secrets_of,
 )
 from bot.settings import validate_live
 from strategies.accounting import Fill, Ledger, Side, rebalance
@@ -111,14 +100,14 @@ def _base_quote(symbol: str) -> tuple[str, str]:
 
 
 class LiveBroker:
-    """Executes decisions as market orders on a ccxt exchange; never sends an order twice."""
+    """Executes decisions as market orders on the exchange; never sends an order twice."""
 
     # Spot balances move only by ritmo's own fills (booked) or by a human (adopted at the next start).
     balance_check_each_tick = False
 
     def __init__(
         self,
-        exchange: Any,
+        client: ExchangeClient,
         *,
         symbol: str,
         max_position_quote: float,
@@ -130,7 +119,6 @@ class LiveBroker:
         lookup_attempts: int = 3,
         lookup_interval_s: float = 3.0,
         sleep: Callable[[float], None] = time.sleep,
-        rng: Callable[[], float] = random.random,
         clock_ms: Callable[[], int] | None = None,
     ) -> None:
         if not (max_position_quote and max_position_quote > 0):
@@ -141,7 +129,7 @@ class LiveBroker:
             raise ValueError("max_price_deviation must be in (0, 1)")
         if lookup_attempts < 1:
             raise ValueError("lookup_attempts must be >= 1")
-        self.exchange = exchange
+        self.client = client
         self.symbol = symbol
         self.max_position_quote = float(max_position_quote)
         self.commission = float(commission)
@@ -149,10 +137,10 @@ class LiveBroker:
         self.max_price_deviation = float(max_price_deviation)
         # A market buy fills a little above the reference price: leave this fraction of cash unspent.
         self.cash_buffer = float(cash_buffer)
+        # Waits between order lookups; the client's reads wait with their own sleep.
         self._sleep = sleep
-        self._rng = rng
         self._clock_ms = clock_ms or wall_ms
-        self.breaker = breaker or CircuitBreaker(clock=self._clock_ms, secrets=secrets_of(exchange))
+        self.breaker = breaker or CircuitBreaker(clock=self._clock_ms, secrets=client.secrets)
         self.lookup_attempts = int(lookup_attempts)
         self.lookup_interval_s = float(lookup_interval_s)
         self.last_close: float | None = None
@@ -170,11 +158,11 @@ class LiveBroker:
 
     def status(self) -> dict[str, Any] | None:
         """Broker state for `ritmo status`: the circuit breaker."""
-        return {"kind": "live", "exchange": str(getattr(self.exchange, "id", "?")), "breaker": self.breaker_state()}
+        return {"kind": "live", "exchange": self.client.id, "breaker": self.breaker_state()}
 
     def _dust_quote(self) -> float:
         """A holding worth less than this cannot be sold (the minimum notional): it is no position."""
-        return max(DUST_QUOTE, float(min_notional(self.exchange, self.symbol) or 0.0))
+        return max(DUST_QUOTE, float(self.client.min_notional(self.symbol) or 0.0))
 
     def opening_ledger(self, initial_cash: float) -> tuple[Ledger, float]:
         """A new state's ledger: the account's base and quote balances (the account must be ritmo's alone).
@@ -182,7 +170,7 @@ class LiveBroker:
         Refuses an account whose base holding is worth more than the cap: ritmo would sell it on its first
         SELL, and that holding is very likely the user's own, not ritmo's.
         """
-        totals = self._read(lambda: fetch_balance(self.exchange, sleep=self._sleep, rng=self._rng)).get("total") or {}
+        totals = self._read(self.client.fetch_balance).get("total") or {}
         qty, cash = float(totals.get(self.base) or 0.0), float(totals.get(self.quote) or 0.0)
         price = self.last_close or self._ticker_last(self.symbol)
         self._refuse_holding_above_cap(qty, price)
@@ -206,14 +194,7 @@ class LiveBroker:
         price = self.last_close or self._ticker_last(self.symbol)
         return self._read(
             lambda: reconcile_balance(
-                self.exchange,
-                ledger,
-                self.symbol,
-                DUST_QUOTE,
-                price=price,
-                position_dust_quote=self._dust_quote(),
-                sleep=self._sleep,
-                rng=self._rng,
+                self.client, ledger, self.symbol, DUST_QUOTE, price=price, position_dust_quote=self._dust_quote()
             )
         )
 
@@ -231,15 +212,7 @@ class LiveBroker:
 
     def _ticker_last(self, symbol: str) -> float:
         """The last traded price of `symbol` (retried read)."""
-        ticker = self._read(
-            lambda: retry_read(
-                lambda: self.exchange.fetch_ticker(symbol),
-                sleep=self._sleep,
-                rng=self._rng,
-                op="fetch_ticker",
-                exchange=self.exchange,
-            )
-        )
+        ticker = self._read(lambda: self.client.fetch_ticker(symbol))
         price = ticker.get("last") or ticker.get("close")
         if not price or not float(price) > 0:
             raise TemporaryExchangeError(f"{symbol} ticker has no last price")
@@ -247,7 +220,7 @@ class LiveBroker:
 
     def _free(self) -> dict[str, float]:
         """Free balance per currency (retried read)."""
-        raw = self._read(lambda: fetch_balance(self.exchange, sleep=self._sleep, rng=self._rng))
+        raw = self._read(self.client.fetch_balance)
         return {str(k): float(v or 0.0) for k, v in (raw.get("free") or {}).items()}
 
     # --- execute -------------------------------------------------------------------------------
@@ -320,7 +293,7 @@ class LiveBroker:
         journal.commit()
         sent_at_ms = self._clock_ms()
         try:
-            order = create_market_order(self.exchange, self.symbol, side, qty, coid, params=params)
+            order = self.client.create_market_order(self.symbol, side, qty, coid, params=params)
         except ExchangeError as exc:
             return self._order_failed(exc, intent, ledger, journal, ref_source, sent_at_ms)
         if str(order.get("status")) not in _FINAL_ORDER_STATUSES:
@@ -358,7 +331,7 @@ class LiveBroker:
             qty = min(qty, max(0.0, cash) / (ref_price * (1 + self.commission) * (1 + self.cash_buffer)))
         else:
             qty = min(qty, max(0.0, min(ledger.qty_base, free.get(self.base, 0.0))))
-        return amount_to_precision(self.exchange, self.symbol, qty)
+        return self.client.amount_to_precision(self.symbol, qty)
 
     def _order_params(self, side: Side, qty: float, ledger: Ledger) -> dict[str, Any]:
         """Extra ccxt parameters of the order (spot: none; futures: reduceOnly on a close)."""
@@ -368,10 +341,10 @@ class LiveBroker:
         """Why the exchange would refuse this amount (checked here: ccxt does not, Binance answers -1013)."""
         if not qty > 0:
             return "amount below the amount step"
-        lo = min_amount(self.exchange, self.symbol)
+        lo = self.client.min_amount(self.symbol)
         if lo is not None and qty < lo:
             return f"amount {qty} below the minimum amount {lo} (LOT_SIZE)"
-        notional = min_notional(self.exchange, self.symbol)
+        notional = self.client.min_notional(self.symbol)
         if notional is not None and qty * price < notional:
             return f"notional {qty * price:.8g} below the minimum notional {notional} (NOTIONAL)"
         return None
@@ -454,9 +427,7 @@ class LiveBroker:
 
     def _find_order(self, coid: str, since_ms: int | None) -> dict[str, Any] | None:
         """The order with this client id: by lookup, else among our trades since `since_ms` (retried reads)."""
-        order = self._read(
-            lambda: fetch_order_by_client_id(self.exchange, self.symbol, coid, sleep=self._sleep, rng=self._rng)
-        )
+        order = self._read(lambda: self.client.fetch_order_by_client_id(self.symbol, coid))
         if order is not None:
             return order
         if since_ms is None:
@@ -464,19 +435,9 @@ class LiveBroker:
         # Binance lets a filled market order's client id be reused and shows only the newest: the trades
         # since the send, looked up by their order id, are the second witness.
         since = max(0, since_ms - TRADES_LOOKBACK_MS)
-        trades = self._read(
-            lambda: fetch_my_trades(self.exchange, self.symbol, since_ms=since, sleep=self._sleep, rng=self._rng)
-        )
+        trades = self._read(lambda: self.client.fetch_my_trades(self.symbol, since_ms=since))
         for order_id in dict.fromkeys(str(t.get("order")) for t in trades if t.get("order") is not None):
-            candidate = self._read(
-                lambda oid=order_id: retry_read(
-                    lambda: self.exchange.fetch_order(oid, self.symbol),
-                    sleep=self._sleep,
-                    rng=self._rng,
-                    op="fetch_order",
-                    exchange=self.exchange,
-                )
-            )
+            candidate = self._read(lambda oid=order_id: self.client.fetch_order(oid, self.symbol))
             if candidate and candidate.get("clientOrderId") == coid:
                 return candidate
         return None
@@ -488,11 +449,7 @@ class LiveBroker:
         if trades or not filled > 0:
             return trades
         if order.get("id") is not None:
-            trades = self._read(
-                lambda: fetch_my_trades(
-                    self.exchange, self.symbol, order_id=str(order["id"]), sleep=self._sleep, rng=self._rng
-                )
-            )
+            trades = self._read(lambda: self.client.fetch_my_trades(self.symbol, order_id=str(order["id"])))
             trades = [dict(t) for t in trades if str(t.get("order", order["id"])) == str(order["id"])]
         if trades:
             return trades
@@ -621,24 +578,20 @@ def _booked_client_ids(journal: Any) -> set[str]:
 
 
 def reconcile_balance(
-    exchange: Any,
+    client: ExchangeClient,
     ledger: Ledger,
     symbol: str,
     dust_quote: float = DUST_QUOTE,
     *,
     price: float | None = None,
     position_dust_quote: float | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-    rng: Callable[[], float] = random.random,
 ) -> dict[str, Any]:
     """Set the ledger's base and quote to the exchange's balances when they differ beyond dust (exchange wins)."""
     base, quote = _base_quote(symbol)
-    totals = fetch_balance(exchange, sleep=sleep, rng=rng).get("total") or {}
+    totals = client.fetch_balance().get("total") or {}
     ex_base, ex_quote = float(totals.get(base) or 0.0), float(totals.get(quote) or 0.0)
     if price is None:
-        ticker = retry_read(
-            lambda: exchange.fetch_ticker(symbol), sleep=sleep, rng=rng, op="fetch_ticker", exchange=exchange
-        )
+        ticker = client.fetch_ticker(symbol)
         price = float(ticker.get("last") or ticker.get("close") or 0.0)
     base_diff_quote = abs(ex_base - ledger.qty_base) * price
     quote_diff = abs(ex_quote - ledger.cash_quote)
@@ -666,16 +619,15 @@ def reconcile_balance(
 
 def check_live_start(
     settings: Any,
-    exchange: Any,
+    client: ExchangeClient,
     *,
     position_mode: str | None = None,
     env_file: str | Path | None = ".env",
-    sleep: Callable[[float], None] = time.sleep,
 ) -> None:
     """Refuse to start live trading without its prerequisites; set 1x isolated margin on USD-M futures."""
     validate_live(settings)
     mode = position_mode or settings.position_mode or "long_only"
-    exchange_id = str(getattr(exchange, "id", settings.exchange))
+    exchange_id = client.id
     is_usdm = exchange_id == "binanceusdm"
     if mode == "long_short" and not is_usdm:
         raise ConfigError(
@@ -683,25 +635,18 @@ def check_live_start(
             "(USD-M futures, 1x isolated)"
         )
     if is_usdm:
-        _futures_1x_isolated(exchange, settings.symbol)
-    check_key_permissions(exchange, sleep=sleep)
+        _futures_1x_isolated(client, settings.symbol)
+    client.check_key_permissions()
     _warn_env_permissions(env_file)
 
 
-def _futures_1x_isolated(exchange: Any, symbol: str) -> None:
+def _futures_1x_isolated(client: ExchangeClient, symbol: str) -> None:
     """Set leverage 1 and isolated margin explicitly (never rely on the account's defaults)."""
-    for what, call in (
-        ("margin_mode", lambda: exchange.set_margin_mode("isolated", symbol)),
-        ("leverage", lambda: exchange.set_leverage(1, symbol)),
-    ):
-        try:
-            call()
-        except Exception as exc:  # ccxt's errors, mapped right here (only bot.exchange.client imports ccxt)
-            # Binance -4046 "No need to change margin type": already isolated, which is what we want.
-            if "-4046" in str(exc) or "No need to change" in str(exc):
-                continue
-            raise map_ccxt_error(exc, secrets=secrets_of(exchange)) from None
-        log.info("futures_setting", setting=what, symbol=symbol, value="isolated" if what == "margin_mode" else 1)
+    # Binance -4046 "No need to change margin type" (False): already isolated, which is what we want.
+    if client.set_margin_mode("isolated", symbol):
+        log.info("futures_setting", setting="margin_mode", symbol=symbol, value="isolated")
+    if client.set_leverage(1, symbol):
+        log.info("futures_setting", setting="leverage", symbol=symbol, value=1)
 
 
 def _warn_env_permissions(env_file: str | Path | None) -> bool:

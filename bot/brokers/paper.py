@@ -10,7 +10,6 @@ import structlog
 from bot.brokers.base import (
     Decision,
     ExecutionResult,
-    MarketRules,
     OrderIntent,
     OrderJournal,
     capped_target,
@@ -18,9 +17,12 @@ from bot.brokers.base import (
     client_order_id,
     reject_before_send,
 )
+from bot.exchange.rules import MarketRules
 from strategies.accounting import Ledger, Side, rebalance
 
 log = structlog.get_logger(__name__)
+
+
 class PaperBroker:
     """Simulated execution at a reference price with slippage and commission, under the market's rules."""
 

@@ -105,9 +105,9 @@ def main(args: argparse.Namespace) -> int:
     if not getattr(args, "out", None):
         raise ConfigError("--out FILE is required")
     config = _exchange_config(getattr(args, "exchange_config", None))
-    exchange = make_exchange(getattr(args, "exchange", None) or "binance", config)
+    client = make_exchange(getattr(args, "exchange", None) or "binance", config)
     download_candles(
-        exchange,
+        client,
         getattr(args, "symbol", None) or "BTC/USDT",
         timeframe,
         since_ms,

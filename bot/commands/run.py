@@ -36,12 +36,12 @@ import time
 from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from bot import notify
-from bot.brokers.base import TICK_SIZE, Broker, MarketRules
+from bot.brokers.base import Broker
 from bot.brokers.paper import PaperBroker
 from bot.clock import wall_ms
 from bot.daemon.feed import CandleFeed
@@ -49,9 +49,14 @@ from bot.daemon.learner import LearningGuard, OnlineLearner, load_model
 from bot.daemon.market import ExchangeClock, ExchangeMarketData, MarketData, ReplayMarketData, SimClock
 from bot.daemon.state import StateStore, open_state
 from bot.errors import AuthenticationExchangeError, ConfigError, RitmoError
+from bot.exchange.rules import MarketRules
 from bot.logs import configure_logging
 from bot.settings import Settings, load_settings, state_db_path, validate_live
 from strategies.candles import CANDLE_MS, iso_utc, parse_utc_date_ms
+
+if TYPE_CHECKING:
+    # Replays never load the exchange module (nor ccxt): run_realtime imports it when it runs.
+    from bot.exchange.client import ExchangeClient
 
 log = structlog.get_logger(__name__)
 
@@ -415,7 +420,7 @@ def run_realtime(
     once: bool,
     greedy: bool,
     stop: StopSignal,
-    exchange: Any | None = None,
+    client: ExchangeClient | None = None,
     clock: Any | None = None,
     trigger: Any | None = None,
     local_ms: Callable[[], int] = wall_ms,
@@ -423,24 +428,24 @@ def run_realtime(
     env_file: str | Path | None = ".env",
 ) -> int:
     """Paper or live trading on the exchange's market data: warm up, then tick on the scheduler (or once)."""
-    from bot.exchange.client import check_symbol, exchange_from_settings, make_exchange
+    from bot.exchange.client import exchange_from_settings, make_exchange
 
     live = settings.mode == "live"
-    if exchange is None:
+    if client is None:
         # Paper reads public market data only: it is never given the keys.
-        exchange = (
+        client = (
             exchange_from_settings(settings)
             if live
             else make_exchange(settings.exchange, dict(settings.exchange_config))
         )
     sleep = clock.sleep if clock is not None else time.sleep
-    check_symbol(exchange, settings.symbol, sleep=sleep)
+    client.check_symbol(settings.symbol)
     if clock is None:
-        clock = ExchangeClock(exchange, local_ms=local_ms)
+        clock = ExchangeClock(client, local_ms=local_ms)
         clock.sync()
-    market = ExchangeMarketData(exchange, settings.symbol, sleep=sleep)
-    rules = MarketRules.from_ccxt_market(market.market(), int(getattr(exchange, "precisionMode", TICK_SIZE)))
-    make_broker = live_broker_factory(settings, exchange, clock, env_file=env_file) if live else None
+    market = ExchangeMarketData(client, settings.symbol)
+    rules = client.market_rules(settings.symbol)
+    make_broker = live_broker_factory(settings, client, clock, env_file=env_file) if live else None
     comps = build_daemon(
         settings,
         market,
@@ -458,7 +463,7 @@ def run_realtime(
             "warmed_up",
             candles=len(daemon.feed.buffer),
             latest=iso_utc(warm.latest_ts_ms) if warm.latest_ts_ms is not None else None,
-            exchange=getattr(exchange, "id", "?"),
+            exchange=client.id,
             symbol=settings.symbol,
             mode=settings.mode,
         )
@@ -479,7 +484,7 @@ def run_realtime(
 
 
 def live_broker_factory(
-    settings: Settings, exchange: Any, clock: Any, *, env_file: str | Path | None
+    settings: Settings, client: ExchangeClient, clock: Any, *, env_file: str | Path | None
 ) -> Callable[[str], Broker]:
     """A `make_broker` for build_daemon: live start checks, then the live broker for the model's position mode.
 
@@ -491,14 +496,14 @@ def live_broker_factory(
         from bot.brokers.futures import FuturesBroker, check_one_way_mode
         from bot.brokers.live import LiveBroker, check_live_start
 
-        check_live_start(settings, exchange, position_mode=position_mode, env_file=env_file, sleep=clock.sleep)
-        is_usdm = getattr(exchange, "id", settings.exchange) == "binanceusdm"
+        check_live_start(settings, client, position_mode=position_mode, env_file=env_file)
+        is_usdm = client.id == "binanceusdm"
         if is_usdm:
-            check_one_way_mode(exchange, settings.symbol, sleep=clock.sleep)
+            check_one_way_mode(client, settings.symbol)
         assert settings.max_position_quote is not None  # validate_live refuses live mode without a cap
         log.warning(
             "live_trading",
-            exchange=getattr(exchange, "id", settings.exchange),
+            exchange=client.id,
             symbol=settings.symbol,
             sandbox=settings.sandbox,
             max_position_quote=settings.max_position_quote,
@@ -506,7 +511,7 @@ def live_broker_factory(
         )
         broker_class = FuturesBroker if is_usdm else LiveBroker
         return broker_class(
-            exchange,
+            client,
             symbol=settings.symbol,
             max_position_quote=settings.max_position_quote,
             commission=settings.commission,

@@ -13,11 +13,12 @@ from bot.files.candles import load_candle_files
 from bot.files.checkpoints import load_checkpoint
 from bot.offline.fit import TrainError, fit
 from strategies.actions import POSITION_MODES
-from strategies.bundle import PeriodError
+from strategies.bundle import ModelBundle, PeriodError
 from strategies.candles import parse_utc_date_ms
 from strategies.features import (
     MACRO_WINDOW,
     MICRO_WINDOW,
+    FeatureSpec,
     compute_features,
     default_feature_spec,
 )
@@ -25,6 +26,7 @@ from strategies.objectives import OBJECTIVES
 from strategies.trainer import SCHEDULES, START_POSITIONS, TrainConfig
 
 log = structlog.get_logger("ritmo.train")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `ritmo train`."""
@@ -97,6 +99,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+def periods_from_args(args: argparse.Namespace) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The training and validation periods (UTC ms, end exclusive); validation must not precede training's end."""
+    train_from, train_to = _date("--train-from", args.train_from), _date("--train-to", args.train_to)
+    valid_from, valid_to = _date("--valid-from", args.valid_from), _date("--valid-to", args.valid_to)
+    if train_to <= train_from or valid_to <= valid_from:
+        raise TrainError("each period must end after it starts")
+    if valid_from < train_to:
+        raise TrainError("the validation period must start at or after the end of the training period")
+    return (train_from, train_to), (valid_from, valid_to)
+
+
+def _resume_bundle(args: argparse.Namespace, cfg: TrainConfig, spec: FeatureSpec) -> ModelBundle | None:
+    """The checkpoint --resume continues (it must match the features, position mode and windows), or None."""
+    if not args.resume:
+        return None
+    return load_checkpoint(
+        args.resume, expect_spec=spec, expect_mode=cfg.position_mode, expect_windows=(MACRO_WINDOW, MICRO_WINDOW)
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     """Run `ritmo train`."""
     if args.threads:
@@ -104,27 +126,18 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.validate_every < 1:
         raise TrainError("--validate-every must be >= 1")
-    train_from, train_to = _date("--train-from", args.train_from), _date("--train-to", args.train_to)
-    valid_from, valid_to = _date("--valid-from", args.valid_from), _date("--valid-to", args.valid_to)
-    if train_to <= train_from or valid_to <= valid_from:
-        raise TrainError("each period must end after it starts")
-    if valid_from < train_to:
-        raise TrainError("the validation period must start at or after the end of the training period")
+    train_period, valid_period = periods_from_args(args)
     candles = load_candle_files(args.data)
     spec = default_feature_spec()
     features = compute_features(candles, spec)
-    resume_bundle = None
-    if args.resume:
-        resume_bundle = load_checkpoint(
-            args.resume, expect_spec=spec, expect_mode=cfg.position_mode, expect_windows=(MACRO_WINDOW, MICRO_WINDOW)
-        )
+    resume_bundle = _resume_bundle(args, cfg, spec)
     try:
         summary = fit(
             cfg,
             candles,
             features,
-            (train_from, train_to),
-            (valid_from, valid_to),
+            train_period,
+            valid_period,
             out=args.out,
             validate_every=args.validate_every,
             data_label=" ".join(str(p) for p in args.data),
@@ -135,5 +148,3 @@ def main(args: argparse.Namespace) -> int:
         raise TrainError(f"validation period: {exc}") from None
     print(json.dumps(summary, default=str))
     return 0
-
-

@@ -21,14 +21,12 @@ import pandas as pd
 import structlog
 
 from bot.errors import TemporaryExchangeError
-from strategies.candles import CANDLE_MS, iso_utc
+from strategies.candles import CANDLE_MS, VALUE_COLUMNS, iso_utc
 
 if TYPE_CHECKING:  # market.py builds on the candle types defined here
     from bot.daemon.market import MarketData
 
 log = structlog.get_logger(__name__)
-
-COLUMNS = ("open", "high", "low", "close", "volume")
 
 
 def last_closed_open_ms(now_ms: int) -> int:
@@ -68,7 +66,7 @@ class CandleBatch:
         """From a canonical candle frame (ts_ms + OHLCV columns)."""
         return cls(
             np.ascontiguousarray(df["ts_ms"].to_numpy(dtype=np.int64)),
-            np.ascontiguousarray(df[list(COLUMNS)].to_numpy(dtype=np.float64)),
+            np.ascontiguousarray(df[list(VALUE_COLUMNS)].to_numpy(dtype=np.float64)),
         )
 
 
@@ -176,7 +174,7 @@ class CandleBuffer:
         lo = max(self._lo, self._hi - int(n))
         values = self._values[lo : self._hi]
         frame = {"ts_ms": self._ts[lo : self._hi]}
-        frame.update({c: values[:, j] for j, c in enumerate(COLUMNS)})
+        frame.update({c: values[:, j] for j, c in enumerate(VALUE_COLUMNS)})
         return pd.DataFrame(frame, copy=False)
 
 

@@ -63,32 +63,29 @@ from bot.errors import CheckpointError, ConfigError
 from bot.files.checkpoints import load_checkpoint, save_checkpoint
 from strategies.bundle import ModelBundle
 from strategies.env import VectorTradingEnv
-from strategies.objectives import advantages, shaped_rewards
+from strategies.objectives import NEEDS_VOLATILITY, advantages
 from strategies.policy import PolicyNet, probs_for_all_positions
 from strategies.trainer import (
     Rollout,
     StepStats,
     TrainConfig,
+    UpdateContext,
     changes_position_table,
-    expected_pnl_step,
+    config_rewards,
+    dropout_seed,
+    expected_objective_step,
     is_macro_update,
     policy_gradient_step,
     sample_rollout,
+    sampled_objective_step,
 )
 
 log = structlog.get_logger(__name__)
 
 SCHEDULE = "asymmetric"
-# Objectives whose shaped reward needs the market's ex-ante volatility at each decision.
-_NEEDS_VOLATILITY = ("vol_scaled", "dsr")
 _ONLINE_RE = re.compile(r"^online-(\d{6,})\.pt$")
 # Leftovers of save_checkpoint's temporary files (a crash mid-write).
 _TMP_RE = re.compile(r"^\.online-\d+\.pt\..*\.tmp$")
-
-
-def dropout_seed(seed: int, k: int) -> int:
-    """The dropout seed of update k (the offline trainer's formula): a redone update draws the same masks."""
-    return int(seed) * 1_000_003 + int(k)
 
 
 def rollout_seed(seed: int, k: int) -> int:
@@ -290,7 +287,7 @@ class OnlineLearner:
         carries the prices (and volatility) they need; else card_fallback."""
         if self.objective == "card":
             return "card"
-        if batch.has_prices() and (self.objective not in _NEEDS_VOLATILITY or batch.has_volatility()):
+        if batch.has_prices() and (self.objective not in NEEDS_VOLATILITY or batch.has_volatility()):
             return "expected_pnl" if self.objective == "expected_pnl" else "group"
         log.warning(
             "update_objective_fallback",
@@ -327,25 +324,11 @@ class OnlineLearner:
             )
         # The checkpoint's exploration schedule continues where training left it (online k continues its
         # counter): normally its end values, i.e. the final entropy bonus and no trade floor.
-        sched = cfg.schedule_at(k)
+        ctx = UpdateContext(self.model, (self.opt_macro, self.opt_rest), cfg, k, self.seed, learn_macro)
         if method == "expected_pnl":
-            gap, hold = episode_fill_returns(batch)
-            stats, _ = expected_pnl_step(
-                self.model,
-                self.opt_macro,
-                self.opt_rest,
-                macro_x=torch.from_numpy(batch.macro),
-                micro_x=torch.from_numpy(batch.micro),
-                gap_returns=gap,
-                hold_returns=hold,
-                mode=self.bundle.position_mode,
-                commission=self.commission,
-                learn_macro=learn_macro,
-                entropy_coef=sched["entropy_coef"],
-                grad_clip=cfg.grad_clip,
-                dropout_seed=dropout_seed(self.seed, k),
-                risk_aversion=cfg.risk_aversion,
-            )
+            macro_x, micro_x = torch.from_numpy(batch.macro), torch.from_numpy(batch.micro)
+            gap_hold, mode = episode_fill_returns(batch), self.bundle.position_mode
+            stats, _ = expected_objective_step(ctx, macro_x, micro_x, gap_hold, mode, self.commission)
             return stats
         generator = torch.Generator().manual_seed(rollout_seed(self.seed, k))
         ro, adv = counterfactual_group(
@@ -359,24 +342,8 @@ class OnlineLearner:
             slippage_bps=self.slippage_bps,
         )
         flat = ro.rows.reshape(-1)
-        return policy_gradient_step(
-            self.model,
-            self.opt_macro,
-            self.opt_rest,
-            macro_x=torch.from_numpy(batch.macro)[flat],
-            micro_x=torch.from_numpy(batch.micro)[flat],
-            positions=ro.positions,
-            actions=ro.actions,
-            advantages=adv,
-            learn_macro=learn_macro,
-            entropy_coef=sched["entropy_coef"],
-            grad_clip=cfg.grad_clip,
-            dropout_seed=dropout_seed(self.seed, k),
-            frozen_macro_emb=ro.macro_emb,
-            trade_floor=sched["trade_floor"],
-            trade_floor_coef=cfg.trade_floor_coef,
-            change_table=self.change_table,
-        )
+        macro_x, micro_x = torch.from_numpy(batch.macro)[flat], torch.from_numpy(batch.micro)[flat]
+        return sampled_objective_step(ctx, macro_x, micro_x, ro, adv, self.change_table)
 
     def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         return (
@@ -520,18 +487,10 @@ def counterfactual_group(
     assert batch.decision_close is not None and batch.settle_close is not None
     market = torch.from_numpy(np.log(batch.settle_close / batch.decision_close)).expand(group_size, steps)
     vol = None
-    if cfg.objective in _NEEDS_VOLATILITY:
+    if cfg.objective in NEEDS_VOLATILITY:
         assert batch.volatility is not None
         vol = torch.from_numpy(batch.volatility).expand(group_size, steps)
-    rewards = shaped_rewards(
-        cfg.objective,
-        ro.rewards,
-        market_log_returns=market,
-        volatility=vol,
-        vol_target=cfg.vol_target,
-        dsr_eta=cfg.dsr_eta,
-    )
-    return ro, advantages(rewards, cfg.gamma, group_size)
+    return ro, advantages(config_rewards(cfg, ro.rewards, market, vol), cfg.gamma, group_size)
 
 
 def delete_orphans(checkpoint_dir: Path, refs: list[tuple[int, str]]) -> list[Path]:

@@ -6,10 +6,9 @@ Time (docs/design.md §2): a candle's `ts_ms` is its OPEN time; the clocks tell 
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pandas as pd
@@ -19,6 +18,10 @@ from bot.clock import wall_ms
 from bot.daemon.feed import Candle, CandleBatch
 from bot.errors import ExchangeError
 from strategies.candles import CANDLE_MS
+
+if TYPE_CHECKING:
+    # Replays never load the exchange module (nor ccxt): the client is only a type here.
+    from bot.exchange.client import ExchangeClient
 
 log = structlog.get_logger(__name__)
 
@@ -61,13 +64,13 @@ class ExchangeClock:
 
     def __init__(
         self,
-        exchange: Any,
+        client: ExchangeClient,
         *,
         refresh_s: float = 3600.0,
         local_ms: Callable[[], int] = wall_ms,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self._exchange = exchange
+        self.client = client
         self._refresh_ms = int(refresh_s * 1000)
         self._local_ms = local_ms
         self._sleep = sleep
@@ -76,10 +79,8 @@ class ExchangeClock:
 
     def sync(self) -> int:
         """Measure the offset exchange - local (half the round trip attributed to each leg)."""
-        from bot.exchange.client import exchange_now_ms
-
         before = self._local_ms()
-        server = exchange_now_ms(self._exchange, sleep=self._sleep)
+        server = self.client.server_time_ms()
         after = self._local_ms()
         self.offset_ms = int(server - (before + after) // 2)
         self._synced_at_ms = after
@@ -105,43 +106,20 @@ class ExchangeClock:
 
 
 class ExchangeMarketData:
-    """Closed candles and ticker prices from a ccxt exchange (through bot.exchange.client, the only ccxt importer)."""
+    """Closed candles and ticker prices from the exchange, through its client (bot/exchange/client.py)."""
 
-    def __init__(
-        self,
-        exchange: Any,
-        symbol: str,
-        *,
-        sleep: Callable[[float], None] = time.sleep,
-        rng: Callable[[], float] = random.random,
-    ) -> None:
-        self.exchange = exchange
+    def __init__(self, client: ExchangeClient, symbol: str) -> None:
+        self.client = client
         self.symbol = symbol
-        self._sleep = sleep
-        self._rng = rng
 
     def closed_candles(self, since_ms: int, now_ms: int) -> CandleBatch:
         """Paged fetch_ohlcv (retried), forming candle dropped by exchange time."""
-        from bot.exchange.client import fetch_closed_candles
-
-        df = fetch_closed_candles(self.exchange, self.symbol, since_ms, now_ms, sleep=self._sleep, rng=self._rng)
-        return CandleBatch.from_frame(df)
+        return CandleBatch.from_frame(self.client.fetch_closed_candles(self.symbol, since_ms, now_ms))
 
     def fill_reference(self, decision: Candle) -> tuple[float, str]:
         """The ticker's last trade price fetched now; the decision candle's close if that fails."""
-        from bot.exchange.client import retry_read, secrets_of
-
         try:
-            ticker = retry_read(
-                lambda: self.exchange.fetch_ticker(self.symbol),
-                attempts=2,
-                base_delay_s=0.5,
-                sleep=self._sleep,
-                rng=self._rng,
-                secrets=secrets_of(self.exchange),
-                op="fetch_ticker",
-                exchange=self.exchange,
-            )
+            ticker = self.client.fetch_ticker(self.symbol, quick=True)
             last = float((ticker or {}).get("last") or 0.0)
             if last > 0 and np.isfinite(last):
                 return last, "ticker"
@@ -149,10 +127,6 @@ class ExchangeMarketData:
         except ExchangeError as exc:
             log.warning("ticker_failed", error=str(exc))
         return decision.close, "close"
-
-    def market(self) -> dict[str, Any]:
-        """The ccxt market description of the symbol (markets must be loaded)."""
-        return self.exchange.market(self.symbol)
 
 
 class ReplayMarketData:

@@ -43,27 +43,21 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bot.brokers.base import OrderIntent
 from bot.clock import wall_ms
 from bot.errors import RitmoError
 from strategies.accounting import Fill
 
+if TYPE_CHECKING:  # the journal records brokers' intents; the state itself never trades
+    from bot.brokers.base import OrderIntent
+
 SCHEMA_VERSION = 3
 
-_SCHEMA_V1 = """
-CREATE TABLE meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-) WITHOUT ROWID;
-
-CREATE TABLE decisions (
-    ts_ms INTEGER PRIMARY KEY,
-    status TEXT NOT NULL CHECK (status IN ('acted', 'rejected', 'halted', 'skipped')),
-    action INTEGER CHECK (action IN (0, 1, 2)),
+# The columns after `status` of the decisions table, the same in every schema version.
+_DECISION_COLUMNS = """    action INTEGER CHECK (action IN (0, 1, 2)),
     p_hold REAL, p_buy REAL, p_sell REAL,
     model_version TEXT,
     position_before INTEGER NOT NULL,
@@ -79,7 +73,28 @@ CREATE TABLE decisions (
     episode_step INTEGER,
     reason TEXT,
     latency_ms REAL,
-    created_at_ms INTEGER NOT NULL
+    created_at_ms INTEGER NOT NULL"""
+
+# The columns after `status` of the updates table as v1 created them (v3 appends the guard's).
+_UPDATE_COLUMNS = """    parts TEXT NOT NULL,
+    steps INTEGER NOT NULL,
+    loss REAL,
+    applied INTEGER NOT NULL,
+    checkpoint_path TEXT,
+    model_version TEXT,
+    wall_ms REAL,
+    created_at_ms INTEGER NOT NULL"""
+
+_SCHEMA_V1 = """
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE decisions (
+    ts_ms INTEGER PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('acted', 'rejected', 'halted', 'skipped')),
+{decision_columns}
 );
 
 CREATE TABLE orders (
@@ -147,14 +162,7 @@ CREATE TABLE updates (
     k INTEGER PRIMARY KEY,
     episode_id INTEGER NOT NULL REFERENCES episodes (id),
     status TEXT NOT NULL CHECK (status IN ('learned', 'rejected')),
-    parts TEXT NOT NULL,
-    steps INTEGER NOT NULL,
-    loss REAL,
-    applied INTEGER NOT NULL,
-    checkpoint_path TEXT,
-    model_version TEXT,
-    wall_ms REAL,
-    created_at_ms INTEGER NOT NULL
+{update_columns}
 );
 
 CREATE TABLE events (
@@ -164,7 +172,7 @@ CREATE TABLE events (
     kind TEXT NOT NULL,
     detail TEXT
 );
-"""
+""".replace("{decision_columns}", _DECISION_COLUMNS).replace("{update_columns}", _UPDATE_COLUMNS)
 
 # v3: the decision interval (decisions status `kept`), the counterfactual online update (the prices of each
 # step) and the learning guard (updates status `rolled_back`, its figures). SQLite cannot change a CHECK
@@ -173,23 +181,7 @@ _MIGRATION_V3 = """
 CREATE TABLE decisions_v3 (
     ts_ms INTEGER PRIMARY KEY,
     status TEXT NOT NULL CHECK (status IN ('acted', 'rejected', 'halted', 'skipped', 'kept')),
-    action INTEGER CHECK (action IN (0, 1, 2)),
-    p_hold REAL, p_buy REAL, p_sell REAL,
-    model_version TEXT,
-    position_before INTEGER NOT NULL,
-    target_position INTEGER,
-    position_after INTEGER NOT NULL,
-    close REAL,
-    fill_price REAL,
-    qty_base REAL NOT NULL DEFAULT 0,
-    fee_quote REAL NOT NULL DEFAULT 0,
-    equity_before REAL,
-    equity_after REAL,
-    episode_id INTEGER,
-    episode_step INTEGER,
-    reason TEXT,
-    latency_ms REAL,
-    created_at_ms INTEGER NOT NULL
+{decision_columns}
 );
 INSERT INTO decisions_v3 SELECT ts_ms, status, action, p_hold, p_buy, p_sell, model_version, position_before,
     target_position, position_after, close, fill_price, qty_base, fee_quote, equity_before, equity_after,
@@ -201,14 +193,7 @@ CREATE TABLE updates_v3 (
     k INTEGER PRIMARY KEY,
     episode_id INTEGER NOT NULL REFERENCES episodes (id),
     status TEXT NOT NULL CHECK (status IN ('learned', 'rejected', 'rolled_back')),
-    parts TEXT NOT NULL,
-    steps INTEGER NOT NULL,
-    loss REAL,
-    applied INTEGER NOT NULL,
-    checkpoint_path TEXT,
-    model_version TEXT,
-    wall_ms REAL,
-    created_at_ms INTEGER NOT NULL,
+{update_columns},
     reason TEXT,
     method TEXT,
     entropy_before REAL,
@@ -226,7 +211,7 @@ ALTER TABLE episode_steps ADD COLUMN decision_close REAL;
 ALTER TABLE episode_steps ADD COLUMN next_open REAL;
 ALTER TABLE episode_steps ADD COLUMN settle_close REAL;
 ALTER TABLE episode_steps ADD COLUMN volatility REAL
-"""
+""".replace("{decision_columns}", _DECISION_COLUMNS).replace("{update_columns}", _UPDATE_COLUMNS)
 
 # version reached -> SQL that upgrades from the previous version (a new database gets v1, then each of these).
 MIGRATIONS: dict[int, str] = {

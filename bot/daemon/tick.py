@@ -5,26 +5,36 @@ K (`decide_every`, 1 for checkpoints from before it) says which ticks decide: th
 `is_decision_candle(t, K)` (its close instant, in 5-minute candles since the epoch, divisible by K), the rule
 of `ritmo backtest` and of training. The other ticks are `kept`: they mark equity and watch the drawdown but
 hold the position, sample nothing and add no episode step. K = 1: every tick decides, as always.
-  1. feed      fetch newly closed candles into the bounded buffer; backfill holes; if candle t is still
-               missing after retries the tick is `skipped` (stale_data): nothing is traded, ever, for t.
+
+Each phase is a method of `Daemon` (`tick` runs them; `_tick_in_tx` is the part inside the transaction):
+  1. feed      (`tick`) fetch newly closed candles into the bounded buffer; backfill holes; if candle t is
+               still missing after retries the tick is `skipped` (stale_data, `_skip_stale`): nothing is traded,
+               ever, for t.
   -- one SQLite transaction from here (BEGIN IMMEDIATE; `ritmo resume` serialises with it) --
-  2. settle    the previous step's reward ln(E_{t'+K} / E_{t'}), once candle t'+K has closed (t >= t'+K).
-  3. episodes  a full episode (L settled steps) closes `pending` (its update runs after the commit); a break
-               in the chain of decisions K candles apart (downtime, a skipped decision tick) truncates the
-               open episode: pending if it has >= MIN_EPISODE_STEPS settled steps, else discarded.
-  4. mark      equity at t's close, peak equity, drawdown guard (a latched halt flattens and stops trading
-               and learning until `ritmo resume`; on a kept tick too).
-  5. decide    (decision ticks only) observation = pure function of the last `first_valid_row + 1` candles
-               ending at t; eval-mode probabilities (the backtest's `probs_for_all_positions`); action
-               sampled with the uniform keyed by (seed, t) or greedy; target position; MAX_POSITION_QUOTE
-               caps the notional.
-  6. execute   the broker records the order intent, fills it (paper) and books it in the ledger.
-  7. record    decision, order status, fill, episode step (with the decision close and the ex-ante
-               volatility the counterfactual update needs), ledger, peak, halt, last candle -> COMMIT.
+  2. settle    (`_settle`) the previous step's reward ln(E_{t'+K} / E_{t'}), once candle t'+K has closed.
+  3. episodes  (`_close_episodes`) a full episode (L settled steps) closes `pending` (its update runs after the
+               commit); a break in the chain of decisions K candles apart (downtime, a skipped decision tick)
+               truncates the open episode: pending if it has >= MIN_EPISODE_STEPS settled steps, else discarded.
+  4. orders    (`_check_orders`) orders an earlier tick left open are settled first; an order still unresolved,
+               or one already sent for candle t, makes the tick a skip.
+  5. mark      (`_mark`) equity at t's close, peak equity, drawdown guard (a latched halt flattens and stops
+               trading and learning until `ritmo resume`; on a kept tick too).
+  6. observe   (`_observe`, decision ticks only) observation = pure function of the last `first_valid_row + 1`
+               candles ending at t.
+  7. decide    (`_decide`) eval-mode probabilities (the backtest's `probs_for_all_positions`); action sampled
+               with the uniform keyed by (seed, t) or greedy; target position; MAX_POSITION_QUOTE caps the
+               notional.
+  8. execute   (`_execute`) the broker records the order intent, fills it (paper) and books it in the ledger.
+  9. record    (`_record`) order status, fill, episode step (with the decision close and the ex-ante volatility
+               the counterfactual update needs), decision, ledger, peak, halt, last candle -> COMMIT.
   -- after the commit --
-  8. learn     a pending episode becomes one REINFORCE update; the new checkpoint is saved, then recorded
-               (second transaction) and acts from the next tick.
-  9. log       one canonical `tick` line.
+ 10. learn     (`_learn_pending`) a pending episode becomes one REINFORCE update; the new checkpoint is saved,
+               then recorded (second transaction) and acts from the next tick.
+ 11. log       one canonical `tick` line.
+
+Phases 2-5 write before the order is sent on purpose: a live broker commits the transaction with the order
+intent before sending, so the settlement (measured on the ledger before this tick's trade), the episodes closed
+and a halt are durable with it; a restart after a crash there must not settle on a ledger the fill has moved.
 
 Crash safety: the in-memory state is a cache of the database: it is (re)loaded by `start()` and after any
 failed tick, so a restart continues exactly where the last committed tick left off. A tick whose candle
@@ -142,6 +152,39 @@ class _Unsettled:
     equity_before: float
 
 
+# A tick that trades nothing (the target is the position held).
+_NO_ORDER = ExecutionResult("none")
+
+
+@dataclass
+class _TickWork:
+    """One tick's working values, handed from phase to phase; `_record` writes them."""
+
+    t: int
+    t_in: float
+    """perf_counter when the candles were in: the tick's latency runs from here."""
+    candle: Candle
+    decides: bool
+    position_before: int
+    halt: dict[str, Any]
+    peak: float | None
+    equity_before: float = math.nan
+    halted: bool = False
+    macro: np.ndarray | None = None
+    micro: np.ndarray | None = None
+    probs: tuple[float, float, float] | None = None
+    action: int = HOLD
+    target: int = 0
+    reason: str = "policy"
+    result: ExecutionResult = _NO_ORDER
+    position_after: int = 0
+    equity_after: float = math.nan
+    status: str = ""
+    reject_reason: str | None = None
+    episode_id: int | None = None
+    episode_step: int | None = None
+
+
 @dataclass
 class _Memory:
     """The cache of the database the tick works with."""
@@ -189,62 +232,75 @@ class Daemon:
 
     def start(self) -> None:
         """Initialise or load the state, reconcile orders left by a crash, run updates a crash left pending."""
-        cfg, store = self.config, self.store
-        meta = store.all_meta()
-        with store.transaction():
+        meta = self.store.all_meta()
+        with self.store.transaction():
             if "ledger" not in meta:
-                rhythm = self.bundle.rhythm
-                opening, opening_equity = self.broker.opening_ledger(float(cfg.initial_cash))
-                store.set_meta_many(
-                    {
-                        "ledger": opening.to_dict(),
-                        "initial_cash": opening_equity,
-                        "peak_equity": opening_equity,
-                        "halt": {"halted": False},
-                        "rhythm": {"k": int(rhythm.get("k", 0)), "macro_updates": int(rhythm.get("macro_updates", 0))},
-                        "position_mode": cfg.position_mode,
-                        "seed": cfg.seed,
-                        "episode_steps": cfg.episode_steps,
-                        "decide_every": self.decide_every,
-                    }
-                )
-                store.add_event(
-                    "state_created",
-                    {"initial_equity": opening_equity, "ledger": opening.to_dict(), "position_mode": cfg.position_mode},
-                )
+                self._create_state()
             else:
                 self._check_compatible(meta)
-            store.set_meta_many(
-                {
-                    "model": {
-                        "version": self.loaded.version,
-                        "checkpoint_path": str(self.loaded.path),
-                        "source": self.loaded.source,
-                        "objective": self.bundle.objective,
-                        "decide_every": self.decide_every,
-                    },
-                    "learning_guard": asdict(self.learner.guard),
-                }
-            )
-            store.add_event(
-                "start",
-                {"model_version": self.loaded.version, "checkpoint": str(self.loaded.path), "mode": cfg.mode},
-            )
-            ledger = Ledger.from_dict(store.get_meta("ledger"))
-            pending = store.pending_orders()
-            if pending:
-                self.broker.reconcile(store, pending, ledger)
-            # After the fills that happened while the daemon was down are booked: the exchange's balances win.
-            check = self.broker.check_balances(ledger)
-            if check is not None:
-                check = {**check, "checked_at_ms": wall_ms()}
-                store.set_meta("balance_check", check)
-                if check.get("adjusted"):
-                    store.add_event("ledger_adjusted", check)
-            store.set_meta("ledger", ledger.to_dict())
-            self._save_broker_status()
+            self._record_start()
+            self._reconcile_at_start()
         self._restore()
         self._learn_pending()
+
+    def _create_state(self) -> None:
+        """A new state: the broker's opening ledger, peak, rhythm and the settings the state is bound to."""
+        cfg, store = self.config, self.store
+        rhythm = self.bundle.rhythm
+        opening, opening_equity = self.broker.opening_ledger(float(cfg.initial_cash))
+        store.set_meta_many(
+            {
+                "ledger": opening.to_dict(),
+                "initial_cash": opening_equity,
+                "peak_equity": opening_equity,
+                "halt": {"halted": False},
+                "rhythm": {"k": int(rhythm.get("k", 0)), "macro_updates": int(rhythm.get("macro_updates", 0))},
+                "position_mode": cfg.position_mode,
+                "seed": cfg.seed,
+                "episode_steps": cfg.episode_steps,
+                "decide_every": self.decide_every,
+            }
+        )
+        store.add_event(
+            "state_created",
+            {"initial_equity": opening_equity, "ledger": opening.to_dict(), "position_mode": cfg.position_mode},
+        )
+
+    def _record_start(self) -> None:
+        """Record the acting model, the learning guard and a `start` event."""
+        self.store.set_meta_many(
+            {
+                "model": {
+                    "version": self.loaded.version,
+                    "checkpoint_path": str(self.loaded.path),
+                    "source": self.loaded.source,
+                    "objective": self.bundle.objective,
+                    "decide_every": self.decide_every,
+                },
+                "learning_guard": asdict(self.learner.guard),
+            }
+        )
+        self.store.add_event(
+            "start",
+            {"model_version": self.loaded.version, "checkpoint": str(self.loaded.path), "mode": self.config.mode},
+        )
+
+    def _reconcile_at_start(self) -> None:
+        """Book what the exchange did with orders a crash left open, then adopt its balances; save the ledger."""
+        store = self.store
+        ledger = Ledger.from_dict(store.get_meta("ledger"))
+        pending = store.pending_orders()
+        if pending:
+            self.broker.reconcile(store, pending, ledger)
+        # After the fills that happened while the daemon was down are booked: the exchange's balances win.
+        check = self.broker.check_balances(ledger)
+        if check is not None:
+            check = {**check, "checked_at_ms": wall_ms()}
+            store.set_meta("balance_check", check)
+            if check.get("adjusted"):
+                store.add_event("ledger_adjusted", check)
+        store.set_meta("ledger", ledger.to_dict())
+        self._save_broker_status()
 
     def _check_balances(self, ledger: Ledger, t: int) -> None:
         """Adopt the exchange's balances beyond dust (futures funding) before deciding; a failed read is skipped."""
@@ -332,7 +388,7 @@ class Daemon:
             return None
         with structlog.contextvars.bound_contextvars(candle=iso_utc(t)):
             t0 = self._perf()
-            upd = self.feed.update(now_ms)
+            upd = self.feed.update(now_ms)  # feed: the network part, outside the transaction
             t_in = self._perf()
             try:
                 with self.store.transaction():
@@ -351,54 +407,88 @@ class Daemon:
             return outcome
 
     def _tick_in_tx(self, t: int, upd: FeedUpdate, t_in: float) -> TickOutcome:
-        cfg, store, mem = self.config, self.store, self.mem
-        assert mem is not None
-        buffer = self.feed.buffer
-        halt = store.get_meta("halt") or {"halted": False}
-        peak = store.get_meta("peak_equity")
-        ledger = mem.ledger
-        position_before = ledger.position
+        """The tick inside its transaction: settle, close episodes, then feed → observe → decide → execute → record.
 
-        interval_ms = self.decide_every * CANDLE_MS
+        The order of the writes is the crash-safety order: what precedes `_execute` is committed with the order
+        intent when a live broker commits it before sending (the step settled on the ledger before this tick's
+        trade, the episodes it closes, a halt); `_record` writes the rest, committed when the tick returns.
+        """
+        assert self.mem is not None
+        halt = self.store.get_meta("halt") or {"halted": False}
+        peak = self.store.get_meta("peak_equity")
+        position_before = self.mem.ledger.position
+        self._settle(t)
+        self._close_episodes(t, stale=upd.is_stale)
+        if upd.is_stale:
+            return self._skip_stale(t, upd, position_before, t_in)
+        candle = self.feed.buffer.last()
+        self.broker.note_close(candle.close)
+        skip = self._check_orders(t, candle, t_in)
+        if skip is not None:
+            return skip
         decides = bool(is_decision_candle(t, self.decide_every))
+        w = _TickWork(t, t_in, candle, decides, position_before, halt, peak)
+        self._mark(w)
+        obs = None
+        if decides:
+            obs = self._observe()
+            if obs is None:
+                return self._record_skip(t, "warmup", position_before, t_in, candle.close)
+        self._decide(w, obs)
+        self._execute(w)
+        return self._record(w)
 
-        # --- settle the previous step's reward --------------------------------------------------
+    # --- before deciding: settlement, episodes, feed and order checks, marking ------------------
+
+    def _settle(self, t: int) -> None:
+        """Settle the previous step's reward ln(E_{t'+K} / E_{t'}) once its settling candle t'+K has closed."""
+        mem = self.mem
+        assert mem is not None
         un = mem.unsettled
         # Between decisions the step's settling candle (t' + K) has not closed yet: it is held, not settled.
-        if un is not None and t >= un.ts_ms + interval_ms:
-            nxt = self._settling_candle(un.ts_ms)
-            if nxt is not None:
-                reward = math.log(ledger.equity(nxt.close) / un.equity_before)
-                store.settle_step(
-                    un.episode_id, un.step, reward, next_open=self._next_open(un.ts_ms), settle_close=nxt.close
-                )
-                if mem.episode is not None and mem.episode.id == un.episode_id:
-                    mem.episode.settled += 1
-                mem.unsettled = None
+        if un is None or t < un.ts_ms + self.decide_every * CANDLE_MS:
+            return
+        nxt = self._settling_candle(un.ts_ms)
+        if nxt is None:
+            return
+        # The ledger still holds the position of step t' (this tick has not traded yet): E_{t'+K} is its mark.
+        reward = math.log(mem.ledger.equity(nxt.close) / un.equity_before)
+        self.store.settle_step(
+            un.episode_id, un.step, reward, next_open=self._next_open(un.ts_ms), settle_close=nxt.close
+        )
+        if mem.episode is not None and mem.episode.id == un.episode_id:
+            mem.episode.settled += 1
+        mem.unsettled = None
 
-        # --- episode bookkeeping ----------------------------------------------------------------
+    def _close_episodes(self, t: int, *, stale: bool) -> None:
+        """Close the open episode when it is full and settled, or truncate it at a break in the decision chain."""
+        mem = self.mem
+        assert mem is not None
         ep = mem.episode
-        if ep is not None:
-            if ep.steps >= cfg.episode_steps and ep.settled >= ep.steps:
-                self._close_episode(ep, truncated=False, reason=None)
-            elif ep.last_ts_ms is not None and ep.last_ts_ms + interval_ms < t:
-                # The decision due at last + K candles was never taken (K = 1: any candle missed).
-                why = "stale_data" if upd.is_stale else "gap"
-                self._close_episode(ep, truncated=True, reason=why)
+        if ep is None:
+            return
+        if ep.steps >= self.config.episode_steps and ep.settled >= ep.steps:
+            self._close_episode(ep, truncated=False, reason=None)
+        elif ep.last_ts_ms is not None and ep.last_ts_ms + self.decide_every * CANDLE_MS < t:
+            # The decision due at last + K candles was never taken (K = 1: any candle missed).
+            self._close_episode(ep, truncated=True, reason="stale_data" if stale else "gap")
 
-        # --- a stale feed: record the skip, act on nothing --------------------------------------
-        if upd.is_stale:
-            log.warning(
-                "stale_data",
-                expected=iso_utc(upd.expected_ts_ms),
-                latest=iso_utc(upd.latest_ts_ms) if upd.latest_ts_ms is not None else None,
-                attempts=upd.attempts,
-                error=upd.error,
-            )
-            return self._record_skip(t, "stale_data", position_before, t_in)
+    def _skip_stale(self, t: int, upd: FeedUpdate, position: int, t_in: float) -> TickOutcome:
+        """A stale feed (candle t still missing after retries): record the skip, act on nothing."""
+        log.warning(
+            "stale_data",
+            expected=iso_utc(upd.expected_ts_ms),
+            latest=iso_utc(upd.latest_ts_ms) if upd.latest_ts_ms is not None else None,
+            attempts=upd.attempts,
+            error=upd.error,
+        )
+        return self._record_skip(t, "stale_data", position, t_in)
 
-        candle = buffer.last()
-        self.broker.note_close(candle.close)
+    def _check_orders(self, t: int, candle: Candle, t_in: float) -> TickOutcome | None:
+        """Settle orders left open, adopt the exchange's balances; a skip when candle t must not be acted on."""
+        store, mem = self.store, self.mem
+        assert mem is not None
+        ledger = mem.ledger
         pending = store.pending_orders()
         if pending:
             # Orders an ambiguous send left `unknown` (live): settle them before anything else is decided.
@@ -420,153 +510,58 @@ class Daemon:
             log.warning("candle_already_ordered", ts=iso_utc(t), orders=already_ordered)
             self._save_broker_status()
             return self._record_skip(t, "order_recovered_after_restart", ledger.position, t_in, candle.close)
-        equity_before = ledger.equity(candle.close)
-        peak = equity_before if peak is None else max(float(peak), equity_before)
-        halted = bool(halt.get("halted"))
-        if not halted and equity_before < peak * (1.0 - cfg.max_drawdown):
-            halted = True
-            halt = {
+        return None
+
+    def _mark(self, w: _TickWork) -> None:
+        """Mark equity at t's close and the peak; the drawdown guard latches a halt that closes the episode."""
+        cfg, mem = self.config, self.mem
+        assert mem is not None
+        w.equity_before = mem.ledger.equity(w.candle.close)
+        peak = w.equity_before if w.peak is None else max(float(w.peak), w.equity_before)
+        w.peak = peak
+        w.halted = bool(w.halt.get("halted"))
+        if not w.halted and w.equity_before < peak * (1.0 - cfg.max_drawdown):
+            w.halted = True
+            w.halt = {
                 "halted": True,
                 "reason": (
-                    f"drawdown {1 - equity_before / peak:.2%} from peak {peak:.2f} exceeds {cfg.max_drawdown:.2%}"
+                    f"drawdown {1 - w.equity_before / peak:.2%} from peak {peak:.2f} exceeds {cfg.max_drawdown:.2%}"
                 ),
-                "since_ts_ms": t,
-                "equity": equity_before,
+                "since_ts_ms": w.t,
+                "equity": w.equity_before,
                 "peak_equity": peak,
             }
-            log.error("halt", reason=halt["reason"], equity=equity_before, peak_equity=peak)
-            store.add_event("halt", halt, candle_ts_ms=t)
-        if halted and mem.episode is not None:
+            log.error("halt", reason=w.halt["reason"], equity=w.equity_before, peak_equity=peak)
+            self.store.add_event("halt", w.halt, candle_ts_ms=w.t)
+        if w.halted and mem.episode is not None:
             self._close_episode(mem.episode, truncated=True, reason="halted", force_discard=True)
 
-        # --- decide ---------------------------------------------------------------------------
-        macro = micro = None
-        probs: tuple[float, float, float] | None = None
-        action = HOLD
-        if decides:
-            obs = observe(buffer.window(self.history), self.bundle)
-            if obs is None:
-                log.warning("observation_unavailable", candles=len(buffer), needed=self.history)
-                return self._record_skip(t, "warmup", position_before, t_in, candle.close)
-            macro, micro = obs
-            probs, action = self._decide(t, macro, micro, ledger.position)
-        if halted:
-            target, reason = 0, "halt"
-        elif decides:
-            target, reason = int(target_position(action, ledger.position, cfg.position_mode)), "policy"
+    # --- observe, decide, execute ---------------------------------------------------------------
+
+    def _observe(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The observation (macro, micro) of the newest candle, or None while the buffer is too short (warm-up)."""
+        buffer = self.feed.buffer
+        obs = observe(buffer.window(self.history), self.bundle)
+        if obs is None:
+            log.warning("observation_unavailable", candles=len(buffer), needed=self.history)
+        return obs
+
+    def _decide(self, w: _TickWork, obs: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """The policy's probabilities and action (given an observation), the target position and its reason."""
+        cfg, mem = self.config, self.mem
+        assert mem is not None
+        position = mem.ledger.position
+        if obs is not None:
+            w.macro, w.micro = obs
+            w.probs, w.action = self._policy(w.t, w.macro, w.micro, position)
+        if w.halted:
+            w.target, w.reason = 0, "halt"
+        elif w.decides:
+            w.target, w.reason = int(target_position(w.action, position, cfg.position_mode)), "policy"
         else:
-            target, reason = ledger.position, "between_decisions"
-        # Between decisions nothing was evaluated: a halt's flattening order carries NaN probabilities.
-        decision = Decision(
-            cfg.symbol, t, probs or (math.nan,) * 3, action, position_before, self.learner.version, reason
-        )
+            w.target, w.reason = position, "between_decisions"
 
-        # --- execute --------------------------------------------------------------------------
-        result = ExecutionResult("none")
-        if target != ledger.position:
-            ref_price, ref_source = self.feed.market.fill_reference(candle)
-            result = self.broker.execute(decision, target, ledger, ref_price, store, ref_source=ref_source)
-            if result.intent is not None:
-                store.set_order_status(
-                    result.intent.client_order_id,
-                    "filled" if result.status == "filled" else result.status,
-                    result.reject_reason,
-                )
-                for fill in result.fills:
-                    store.insert_fill(result.intent.client_order_id, t, fill)
-        equity_after = ledger.equity(candle.close)
-        if halted:
-            status = "halted"
-        elif result.status in ("rejected", "paused"):
-            status = "rejected"
-        else:
-            status = "acted" if decides else "kept"
-        reject_reason = result.reject_reason
-        if result.status == "paused":
-            reject_reason = f"paused: {result.reject_reason}"
-        elif result.status == "unknown":
-            reject_reason = f"order outcome unknown, reconciled next tick: {result.reject_reason}"
-
-        # --- episode step ---------------------------------------------------------------------
-        episode_id = episode_step = None
-        if not halted and macro is not None and micro is not None:
-            if mem.episode is None:
-                mem.episode = _Episode(store.create_episode(t), 0, 0, None)
-            ep = mem.episode
-            episode_id, episode_step = ep.id, ep.steps
-            store.add_step(
-                ep.id,
-                ep.steps,
-                t,
-                macro,
-                micro,
-                position_before,
-                action,
-                equity_before,
-                decision_close=candle.close,
-                volatility=self._ex_ante_volatility(),
-            )
-            mem.unsettled = _Unsettled(ep.id, ep.steps, t, equity_before)
-            ep.steps += 1
-            ep.last_ts_ms = t
-
-        # --- record ---------------------------------------------------------------------------
-        store.insert_decision(
-            {
-                "ts_ms": t,
-                "status": status,
-                "action": action,
-                "p_hold": probs[0] if probs else None,
-                "p_buy": probs[1] if probs else None,
-                "p_sell": probs[2] if probs else None,
-                "model_version": self.learner.version,
-                "position_before": position_before,
-                "target_position": target,
-                "position_after": ledger.position,
-                "close": candle.close,
-                "fill_price": result.fill_price,
-                "qty_base": sum(f.qty_base for f in result.fills),
-                "fee_quote": result.fee_quote,
-                "equity_before": equity_before,
-                "equity_after": equity_after,
-                "episode_id": episode_id,
-                "episode_step": episode_step,
-                "reason": reject_reason
-                if result.status in ("rejected", "paused", "unknown")
-                else (reason if halted or not decides else None),
-                "latency_ms": (self._perf() - t_in) * 1e3,
-            }
-        )
-        store.set_meta_many(
-            {
-                "ledger": ledger.to_dict(),
-                "peak_equity": peak,
-                "halt": halt,
-                "last_candle": {"ts_ms": t, "close": candle.close},
-            }
-        )
-        self._save_broker_status()
-        mem.last_decision_ts_ms = t
-        outcome = TickOutcome(
-            ts_ms=t,
-            status=status,
-            action=action,
-            probs=probs,
-            position_before=position_before,
-            position_after=ledger.position,
-            equity=equity_after,
-            fee_quote=result.fee_quote,
-            model_version=self.learner.version,
-            episode_id=episode_id,
-            episode_step=episode_step,
-            k=mem.k,
-            latency_ms=0.0,
-            feed_ms=0.0,
-            reason=reject_reason or (None if decides or halted else reason),
-        )
-        return outcome
-
-    def _decide(
+    def _policy(
         self, t: int, macro: np.ndarray, micro: np.ndarray, position: int
     ) -> tuple[tuple[float, float, float], int]:
         """Eval-mode probabilities for the current position state and the action drawn (or taken greedily)."""
@@ -578,6 +573,128 @@ class Daemon:
         if self.config.greedy:
             return probs, greedy_action(probs_row)
         return probs, sample_action(probs_row, float(decision_uniforms(self.config.seed, t)))
+
+    def _execute(self, w: _TickWork) -> None:
+        """The broker records the order intent (live: commits it), trades to the target and books the ledger."""
+        mem = self.mem
+        assert mem is not None
+        if w.target == mem.ledger.position:
+            return
+        # Between decisions nothing was evaluated: a halt's flattening order carries NaN probabilities.
+        decision = Decision(
+            self.config.symbol,
+            w.t,
+            w.probs or (math.nan,) * 3,
+            w.action,
+            w.position_before,
+            self.learner.version,
+            w.reason,
+        )
+        ref_price, ref_source = self.feed.market.fill_reference(w.candle)
+        w.result = self.broker.execute(decision, w.target, mem.ledger, ref_price, self.store, ref_source=ref_source)
+
+    # --- record ---------------------------------------------------------------------------------
+
+    def _record(self, w: _TickWork) -> TickOutcome:
+        """Every write of the tick's outcome: order status, fills, episode step, decision row, ledger and meta."""
+        store, mem = self.store, self.mem
+        assert mem is not None
+        result = w.result
+        if result.intent is not None:
+            store.set_order_status(result.intent.client_order_id, result.status, result.reject_reason)
+            for fill in result.fills:
+                store.insert_fill(result.intent.client_order_id, w.t, fill)
+        w.position_after = mem.ledger.position
+        w.equity_after = mem.ledger.equity(w.candle.close)
+        w.status, w.reject_reason = _status(w)
+        if not w.halted and w.macro is not None and w.micro is not None:
+            self._add_step(w, w.macro, w.micro)
+        store.insert_decision(self._decision_row(w))
+        store.set_meta_many(
+            {
+                "ledger": mem.ledger.to_dict(),
+                "peak_equity": w.peak,
+                "halt": w.halt,
+                "last_candle": {"ts_ms": w.t, "close": w.candle.close},
+            }
+        )
+        self._save_broker_status()
+        mem.last_decision_ts_ms = w.t
+        return self._outcome(w)
+
+    def _add_step(self, w: _TickWork, macro: np.ndarray, micro: np.ndarray) -> None:
+        """Append the decision to the open episode (opening one), with what settling and learning need."""
+        mem = self.mem
+        assert mem is not None
+        if mem.episode is None:
+            mem.episode = _Episode(self.store.create_episode(w.t), 0, 0, None)
+        ep = mem.episode
+        w.episode_id, w.episode_step = ep.id, ep.steps
+        self.store.add_step(
+            ep.id,
+            ep.steps,
+            w.t,
+            macro,
+            micro,
+            w.position_before,
+            w.action,
+            w.equity_before,
+            decision_close=w.candle.close,
+            volatility=self._ex_ante_volatility(),
+        )
+        mem.unsettled = _Unsettled(ep.id, ep.steps, w.t, w.equity_before)
+        ep.steps += 1
+        ep.last_ts_ms = w.t
+
+    def _decision_row(self, w: _TickWork) -> dict[str, Any]:
+        """The decisions-table row of an acted, rejected, halted or kept tick."""
+        result, probs = w.result, w.probs
+        return {
+            "ts_ms": w.t,
+            "status": w.status,
+            "action": w.action,
+            "p_hold": probs[0] if probs else None,
+            "p_buy": probs[1] if probs else None,
+            "p_sell": probs[2] if probs else None,
+            "model_version": self.learner.version,
+            "position_before": w.position_before,
+            "target_position": w.target,
+            "position_after": w.position_after,
+            "close": w.candle.close,
+            "fill_price": result.fill_price,
+            "qty_base": sum(f.qty_base for f in result.fills),
+            "fee_quote": result.fee_quote,
+            "equity_before": w.equity_before,
+            "equity_after": w.equity_after,
+            "episode_id": w.episode_id,
+            "episode_step": w.episode_step,
+            "reason": w.reject_reason
+            if result.status in ("rejected", "paused", "unknown")
+            else (w.reason if w.halted or not w.decides else None),
+            "latency_ms": (self._perf() - w.t_in) * 1e3,
+        }
+
+    def _outcome(self, w: _TickWork) -> TickOutcome:
+        """What the recorded tick did (latency and feed time are filled in after the commit)."""
+        mem = self.mem
+        assert mem is not None
+        return TickOutcome(
+            ts_ms=w.t,
+            status=w.status,
+            action=w.action,
+            probs=w.probs,
+            position_before=w.position_before,
+            position_after=w.position_after,
+            equity=w.equity_after,
+            fee_quote=w.result.fee_quote,
+            model_version=self.learner.version,
+            episode_id=w.episode_id,
+            episode_step=w.episode_step,
+            k=mem.k,
+            latency_ms=0.0,
+            feed_ms=0.0,
+            reason=w.reject_reason or (None if w.decides or w.halted else w.reason),
+        )
 
     def _ex_ante_volatility(self) -> float | None:
         """The market's ex-ante volatility per decision interval at the newest close (the checkpoint's
@@ -613,6 +730,7 @@ class Daemon:
         return None if nxt is None else nxt.open
 
     def _record_skip(self, t: int, reason: str, position: int, t_in: float, close: float | None = None) -> TickOutcome:
+        """Record a tick that acts on nothing (stale feed, warm-up, orders to settle): its decision row only."""
         mem = self.mem
         assert mem is not None
         last = self.feed.buffer.last_ts_ms
@@ -682,8 +800,8 @@ class Daemon:
 
     def _learn_pending(self) -> UpdateOutcome | None:
         """Run the update of every pending episode (normally one); record each after its checkpoint is saved."""
-        store, mem = self.store, self.mem
-        assert mem is not None
+        store = self.store
+        assert self.mem is not None
         halt = store.get_meta("halt") or {}
         if halt.get("halted"):
             return None
@@ -693,52 +811,50 @@ class Daemon:
                 with store.transaction():
                     store.finish_episode(int(ep["id"]), "frozen", None, "online learning off")
                 continue
-            batch = store.episode_batch(int(ep["id"]))
-            outcome = self.learner.learn(batch, mem.k, mem.macro_updates)
-            learned = outcome.status == "learned"
-            # A rejected or rolled-back update leaves the episode `rejected` (its update does not apply); the
-            # updates row says which. k advances either way: the row holds k, and its seeds are spent (redoing
-            # them on the same episode would give the same update). macro_updates counts applied updates only.
-            status = ("truncated_learned" if ep["truncated"] else "learned") if learned else "rejected"
-            k_next = mem.k + 1
-            macro_next = mem.macro_updates + int(learned and outcome.learn_macro)
-            with store.transaction():
-                store.record_update(_update_row(outcome))
-                if outcome.status == "rolled_back":
-                    store.add_event("update_rolled_back", _rollback_detail(outcome), mem.last_decision_ts_ms)
-                store.finish_episode(outcome.episode_id, status, outcome.k, outcome.reason)
-                store.set_meta("rhythm", {"k": k_next, "macro_updates": macro_next})
-                if learned:
-                    model = {
-                        "version": outcome.model_version,
-                        "checkpoint_path": outcome.checkpoint_path,
-                        "source": "online",
-                        "objective": self.bundle.objective,
-                        "decide_every": self.decide_every,
-                    }
-                    store.set_meta("model", model)
-                    mem.model = model
-                store.prune_episode_blobs(outcome.episode_id - KEEP_EPISODE_BLOBS)
-            mem.k, mem.macro_updates = k_next, macro_next
-            if learned:
-                self.learner.prune(store.checkpoint_refs())
-            log.info(
-                "online_update",
-                k=outcome.k,
-                episode_id=outcome.episode_id,
-                status=status,
-                parts=outcome.parts,
-                steps=outcome.steps,
-                loss=outcome.loss,
-                method=outcome.method,
-                entropy=None if outcome.after is None else round(outcome.after.entropy, 6),
-                max_trade_prob=None if outcome.after is None else round(outcome.after.max_trade_prob, 6),
-                wall_ms=round(outcome.wall_ms, 1),
-                model_version=outcome.model_version,
-                checkpoint=outcome.checkpoint_path,
-            )
-            last = outcome
+            last = self._learn_episode(ep)
         return last
+
+    def _learn_episode(self, ep: dict[str, Any]) -> UpdateOutcome:
+        """One pending episode's update: learn (the learner saves the checkpoint), record it, prune, log."""
+        mem = self.mem
+        assert mem is not None
+        batch = self.store.episode_batch(int(ep["id"]))
+        outcome = self.learner.learn(batch, mem.k, mem.macro_updates)
+        learned = outcome.status == "learned"
+        # A rejected or rolled-back update leaves the episode `rejected` (its update does not apply); the
+        # updates row says which. k advances either way: the row holds k, and its seeds are spent (redoing
+        # them on the same episode would give the same update). macro_updates counts applied updates only.
+        status = ("truncated_learned" if ep["truncated"] else "learned") if learned else "rejected"
+        self._record_update(outcome, status, learned)
+        if learned:
+            self.learner.prune(self.store.checkpoint_refs())
+        _log_update(outcome, status)
+        return outcome
+
+    def _record_update(self, outcome: UpdateOutcome, status: str, learned: bool) -> None:
+        """Record an update in its own transaction (row, episode, rhythm, new model), then advance the cache."""
+        store, mem = self.store, self.mem
+        assert mem is not None
+        k_next = mem.k + 1
+        macro_next = mem.macro_updates + int(learned and outcome.learn_macro)
+        with store.transaction():
+            store.record_update(_update_row(outcome))
+            if outcome.status == "rolled_back":
+                store.add_event("update_rolled_back", _rollback_detail(outcome), mem.last_decision_ts_ms)
+            store.finish_episode(outcome.episode_id, status, outcome.k, outcome.reason)
+            store.set_meta("rhythm", {"k": k_next, "macro_updates": macro_next})
+            if learned:
+                model = {
+                    "version": outcome.model_version,
+                    "checkpoint_path": outcome.checkpoint_path,
+                    "source": "online",
+                    "objective": self.bundle.objective,
+                    "decide_every": self.decide_every,
+                }
+                store.set_meta("model", model)
+                mem.model = model
+            store.prune_episode_blobs(outcome.episode_id - KEEP_EPISODE_BLOBS)
+        mem.k, mem.macro_updates = k_next, macro_next
 
     # --- end of a replay ------------------------------------------------------------------------
 
@@ -792,6 +908,42 @@ class Daemon:
         act = ACTION_NAMES[o.action] if o.action is not None else "-"
         eq = f"{o.equity:.2f}" if o.equity is not None else "?"
         return f"{iso_utc(o.ts_ms)} {o.status} {act} position={o.position_after} equity={eq} k={o.k}"
+
+
+def _status(w: _TickWork) -> tuple[str, str | None]:
+    """The tick's status, and why its order did not fill (rejected, paused, outcome unknown) if it did not."""
+    result = w.result
+    if w.halted:
+        status = "halted"
+    elif result.status in ("rejected", "paused"):
+        status = "rejected"
+    else:
+        status = "acted" if w.decides else "kept"
+    reject_reason = result.reject_reason
+    if result.status == "paused":
+        reject_reason = f"paused: {result.reject_reason}"
+    elif result.status == "unknown":
+        reject_reason = f"order outcome unknown, reconciled next tick: {result.reject_reason}"
+    return status, reject_reason
+
+
+def _log_update(outcome: UpdateOutcome, status: str) -> None:
+    """The canonical `online_update` line of one update."""
+    log.info(
+        "online_update",
+        k=outcome.k,
+        episode_id=outcome.episode_id,
+        status=status,
+        parts=outcome.parts,
+        steps=outcome.steps,
+        loss=outcome.loss,
+        method=outcome.method,
+        entropy=None if outcome.after is None else round(outcome.after.entropy, 6),
+        max_trade_prob=None if outcome.after is None else round(outcome.after.max_trade_prob, 6),
+        wall_ms=round(outcome.wall_ms, 1),
+        model_version=outcome.model_version,
+        checkpoint=outcome.checkpoint_path,
+    )
 
 
 def _finite_or_none(x: float | None) -> float | None:

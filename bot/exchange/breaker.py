@@ -1,4 +1,5 @@
-"""The circuit breaker that pauses trading after repeated exchange failures (pure logic, no I/O)."""
+"""The circuit breaker that pauses trading after repeated exchange failures: pure state logic (the caller reports
+outcomes; it makes no exchange call), error texts redacted as the client redacts them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from bot.clock import wall_ms
 from bot.exchange.client import redact
 
 log = structlog.get_logger(__name__)
+
+
 class CircuitBreaker:
     """Pauses trading after `threshold` consecutive exchange failures; half-opens after `cooldown_ms`.
 

@@ -1,17 +1,21 @@
-"""The exchange boundary: the only module that imports ccxt.
+"""The exchange boundary: the only module that imports ccxt, and `ExchangeClient`, the only way to call it.
+
+`ExchangeClient` holds the ccxt object and exposes, as typed methods, every exchange operation ritmo uses;
+nothing outside bot/exchange/ touches ccxt (tests/test_exchange_boundary.py holds that). `make_exchange` and
+`exchange_from_settings` build one.
 
 Everything ccxt raises is translated here, once, into three errors that say what the caller should do
 (bot/errors.py): TemporaryExchangeError (retry later), OperationalExchangeError (a retry will not help:
 stop and tell a human what was refused), AuthenticationExchangeError (keys/permissions, exit 77).
 
-Reads (candles, balance, order status, time, trades) go through `retry_read`: capped exponential backoff
-with full jitter; `Retry-After` honoured on HTTP 429/418; the time offset resynchronised once on
-InvalidNonce (-1021); Binance's -2015 retried once, then taken as an authentication error. Orders are
-never retried here: `create_market_order` sends exactly once and `classify_order_error` tells the caller
-whether the order certainly did not execute ("rejected"), may have ("ambiguous": look it up by client id
-with `fetch_order_by_client_id` before anything else) or the key is refused ("auth"). `CircuitBreaker`
-pauses trading after a run of exchange failures. `sleep`, `rng` and clocks are injected so tests run in
-milliseconds.
+Reads (candles, balance, order status, time, trades, positions) go through `retry_read`, wired once in the
+client: capped exponential backoff with full jitter; `Retry-After` honoured on HTTP 429/418; the time offset
+resynchronised once on InvalidNonce (-1021); Binance's -2015 retried once, then taken as an authentication
+error. Orders are never retried: `ExchangeClient.create_market_order` sends exactly once and
+`classify_order_error` tells the caller whether the order certainly did not execute ("rejected"), may have
+("ambiguous": look it up by client id with `fetch_order_by_client_id` before anything else) or the key is
+refused ("auth"). `CircuitBreaker` (bot/exchange/breaker.py) pauses trading after a run of exchange
+failures. The client's `sleep` and `rng` are injected so tests run in milliseconds.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from bot.errors import (
     OperationalExchangeError,
     TemporaryExchangeError,
 )
-from bot.exchange.rules import CLIENT_ORDER_ID_RE
+from bot.exchange.rules import CLIENT_ORDER_ID_RE, MarketRules
 from strategies.candles import CANDLE_MS, empty_candles, normalize_ohlcv_rows
 
 log = structlog.get_logger(__name__)
@@ -111,8 +115,8 @@ def make_exchange(
     sandbox: bool = False,
     api_key: str = "",
     api_secret: str = "",
-) -> Any:
-    """Build a ccxt exchange: rate limiting on, re-sending and verbose off, clock sync on; `config` merged in.
+) -> ExchangeClient:
+    """A client on a new ccxt exchange: rate limiting on, re-sending and verbose off, clock sync on; `config` merged in.
 
     `sandbox=True` selects the exchange's test endpoints: Binance spot's testnet (`set_sandbox_mode`), or
     demo trading for Binance futures (`enable_demo_trading`; ccxt 4.5 refuses the old futures testnet).
@@ -159,10 +163,10 @@ def make_exchange(
         exchange.options["adjustForTimeDifference"] = True
     if sandbox:
         _enable_sandbox(exchange)
-    return exchange
+    return ExchangeClient(exchange)
 
 
-def exchange_from_settings(settings: Any) -> Any:
+def exchange_from_settings(settings: Any) -> ExchangeClient:
     """make_exchange with the exchange, config, sandbox flag and credentials of a bot.settings.Settings."""
     return make_exchange(
         settings.exchange,
@@ -395,134 +399,13 @@ def check_timeframe(timeframe: str) -> None:
         raise ConfigError(f"timeframe {timeframe!r} is not supported: only {SUPPORTED_TIMEFRAME} candles are")
 
 
-def check_symbol(exchange: Any, symbol: str, *, sleep: Callable[[float], None] = time.sleep) -> None:
-    """Load the markets (retried) and fail clearly when the exchange does not list `symbol`."""
-    markets = retry_read(exchange.load_markets, sleep=sleep, secrets=secrets_of(exchange), op="load_markets")
-    if symbol not in (markets or {}):
-        close = difflib.get_close_matches(symbol, list(markets or {}), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise OperationalExchangeError(f"{exchange.id} has no market {symbol!r}{hint}")
-
-
-def exchange_now_ms(
-    exchange: Any,
-    *,
-    sleep: Callable[[float], None] = time.sleep,
-    rng: Callable[[], float] = random.random,
-) -> int:
-    """The exchange's clock in epoch ms (fetch_time, retried); the local clock only if it has none."""
-    if not (getattr(exchange, "has", {}) or {}).get("fetchTime"):
-        log.warning("exchange_time_unavailable", exchange=exchange.id, fallback="local_clock")
-        return int(exchange.milliseconds())
-    now_ms = retry_read(exchange.fetch_time, sleep=sleep, rng=rng, secrets=secrets_of(exchange), op="fetch_time")
-    if not isinstance(now_ms, int | float) or now_ms <= 0:
-        raise OperationalExchangeError(f"{exchange.id} returned a nonsense server time: {now_ms!r}")
-    return int(now_ms)
-
-
-def fetch_ohlcv_page(
-    exchange: Any,
-    symbol: str,
-    timeframe: str,
-    since_ms: int,
-    limit: int = MAX_OHLCV_LIMIT,
-    *,
-    sleep: Callable[[float], None] = time.sleep,
-    rng: Callable[[], float] = random.random,
-) -> list[list[Any]]:
-    """One fetch_ohlcv call (retried): raw rows with open time >= since_ms, forming candle included."""
-    if not 1 <= limit <= MAX_OHLCV_LIMIT:
-        raise ValueError(f"limit must be in 1..{MAX_OHLCV_LIMIT}, got {limit}")
-    rows = retry_read(
-        lambda: exchange.fetch_ohlcv(symbol, timeframe, since=int(since_ms), limit=int(limit)),
-        sleep=sleep,
-        rng=rng,
-        secrets=secrets_of(exchange),
-        op="fetch_ohlcv",
-        exchange=exchange,
-    )
-    if not isinstance(rows, list):
-        raise OperationalExchangeError(f"{exchange.id} fetch_ohlcv returned {type(rows).__name__}, not a list")
-    return rows
-
-
-def iter_closed_candle_pages(
-    exchange: Any,
-    symbol: str,
-    since_ms: int,
-    now_ms: int,
-    *,
-    until_ms: int | None = None,
-    timeframe: str = SUPPORTED_TIMEFRAME,
-    limit: int = MAX_OHLCV_LIMIT,
-    sleep: Callable[[float], None] = time.sleep,
-    rng: Callable[[], float] = random.random,
-) -> Iterator[pd.DataFrame]:
-    """Page through closed candles with `since_ms <= ts_ms < until_ms`; one yielded frame per API call.
-
-    Paging stops when the exchange returns nothing, when the next candle would open at or after
-    `until_ms`, or when it would not be closed at `now_ms` (exchange time). Gaps are jumped over, as the
-    exchange returns the first candles at or after `since`.
-    """
-    check_timeframe(timeframe)
-    since_ms = -(-int(since_ms) // CANDLE_MS) * CANDLE_MS  # first 5-minute boundary at or after since
-    while True:
-        if until_ms is not None and since_ms >= until_ms:
-            return
-        if since_ms + CANDLE_MS > now_ms:
-            return  # the next candle is not closed yet
-        rows = fetch_ohlcv_page(exchange, symbol, timeframe, since_ms, limit, sleep=sleep, rng=rng)
-        if not rows:
-            return
-        page = normalize_ohlcv_rows(rows, now_ms)
-        page = page[page["ts_ms"] >= since_ms]
-        if until_ms is not None:
-            page = page[page["ts_ms"] < until_ms]
-        page = page.reset_index(drop=True)
-        last_ts_ms = max(int(r[0]) for r in rows)
-        next_since_ms = last_ts_ms + CANDLE_MS
-        if next_since_ms <= since_ms:
-            # An exchange that ignores `since` would loop forever; stop with a clear error instead.
-            raise OperationalExchangeError(
-                f"{exchange.id} fetch_ohlcv returned no candle at or after since={since_ms}: cannot page"
-            )
-        yield page
-        since_ms = next_since_ms
-
-
-def fetch_closed_candles(
-    exchange: Any,
-    symbol: str,
-    since_ms: int,
-    now_ms: int,
-    timeframe: str = SUPPORTED_TIMEFRAME,
-    *,
-    until_ms: int | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-    rng: Callable[[], float] = random.random,
-) -> pd.DataFrame:
-    """All closed candles from since_ms (before until_ms if given), paged; the forming candle dropped."""
-    pages = list(
-        iter_closed_candle_pages(
-            exchange, symbol, since_ms, now_ms, until_ms=until_ms, timeframe=timeframe, sleep=sleep, rng=rng
-        )
-    )
-    pages = [p for p in pages if len(p)]
-    if not pages:
-        return empty_candles()
-    df = pd.concat(pages, ignore_index=True)
-    return df.drop_duplicates(subset="ts_ms", keep="last").sort_values("ts_ms").reset_index(drop=True)
-
-
 # ---------------------------------------------------------------------------------------------------
-# Orders: client ids, precision, one send, classification of failures, lookup by client id.
+# Orders: what a failed send means; fees in quote.
 # ---------------------------------------------------------------------------------------------------
 
 ORDER_REJECTED = "rejected"
 ORDER_AMBIGUOUS = "ambiguous"
 ORDER_AUTH = "auth"
-
-# Binance's rule for newClientOrderId.
 
 # Order failures after which the order certainly did not reach the matching engine, or was refused by it.
 _REJECTED_CLASSES: tuple[type[BaseException], ...] = (
@@ -540,40 +423,6 @@ _REJECTED_CLASSES: tuple[type[BaseException], ...] = (
 )
 # Texts that mean "sent, outcome unknown" whatever class ccxt picked (-1006, -1007 and their messages).
 _STATUS_UNKNOWN_RE = re.compile(r"(?<![\d.])-100[67](?!\d)|status unknown", re.IGNORECASE)
-
-
-def amount_to_precision(exchange: Any, symbol: str, qty: float) -> float:
-    """`qty` truncated to the market's amount step by ccxt (never rounded up); 0.0 when below one step."""
-    if not qty > 0:
-        return 0.0
-    try:
-        return float(exchange.amount_to_precision(symbol, qty))
-    except ccxt.InvalidOrder:
-        # ccxt refuses to return "0" for an amount below one step: that is an amount of zero to us.
-        return 0.0
-
-
-def _market_limit(exchange: Any, symbol: str, kind: str, bound: str) -> float | None:
-    market = exchange.market(symbol)
-    value = ((market.get("limits") or {}).get(kind) or {}).get(bound)
-    return float(value) if value else None
-
-
-def min_notional(exchange: Any, symbol: str) -> float | None:
-    """The market's minimum order value in quote (Binance NOTIONAL/MIN_NOTIONAL filter), None if unknown."""
-    return _market_limit(exchange, symbol, "cost", "min")
-
-
-def min_amount(exchange: Any, symbol: str) -> float | None:
-    """The market's minimum order quantity in base (Binance LOT_SIZE minQty), None if unknown."""
-    return _market_limit(exchange, symbol, "amount", "min")
-
-
-def _client_id_param(exchange: Any, *, lookup: bool) -> str:
-    # Binance names the id newClientOrderId when placing and origClientOrderId when querying.
-    if str(getattr(exchange, "id", "")).startswith("binance"):
-        return "origClientOrderId" if lookup else "newClientOrderId"
-    return "clientOrderId"
 
 
 def classify_order_error(exc: BaseException) -> str:
@@ -602,97 +451,6 @@ def classify_order_error(exc: BaseException) -> str:
     # RequestTimeout, NetworkError (connection reset), ExchangeNotAvailable (5xx), BadResponse, the bare
     # ccxt.ExchangeError of an unknown code, our own mapped errors, OSError, ...
     return ORDER_AMBIGUOUS
-
-
-def create_market_order(
-    exchange: Any,
-    symbol: str,
-    side: str,
-    qty_base: float,
-    client_id: str,
-    *,
-    params: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Send one market order for `qty_base` (price=None, never quoteOrderQty), never retried.
-
-    `params` go to ccxt as they are (futures: {"reduceOnly": True}). Raises our mapped error with
-    `.order_outcome` set by classify_order_error.
-    """
-    if side not in ("buy", "sell"):
-        raise ValueError(f"side must be 'buy' or 'sell', got {side!r}")
-    if not CLIENT_ORDER_ID_RE.match(client_id):
-        raise ValueError(f"client order id {client_id!r} does not match {CLIENT_ORDER_ID_RE.pattern}")
-    if not qty_base > 0:
-        raise ValueError(f"qty_base must be > 0, got {qty_base}")
-    params = {**(params or {}), _client_id_param(exchange, lookup=False): client_id}
-    try:
-        # price=None: with a price, ccxt turns a Binance spot market buy into a quote amount (quoteOrderQty).
-        return exchange.create_order(symbol, "market", side, qty_base, None, params)
-    except (ccxt.BaseError, ExchangeError) as exc:
-        err = map_ccxt_error(exc, secrets=secrets_of(exchange))
-        outcome = classify_order_error(exc)
-    except OSError as exc:  # a socket error that escaped ccxt's wrapping: the request may have left
-        err = TemporaryExchangeError(f"order send failed ({type(exc).__name__}): {redact(str(exc))}")
-        outcome = ORDER_AMBIGUOUS
-    err.order_outcome = outcome  # type: ignore[attr-defined]
-    raise err from None
-
-
-def fetch_order_by_client_id(
-    exchange: Any,
-    symbol: str,
-    client_id: str,
-    *,
-    sleep: Callable[[float], None] = time.sleep,
-    rng: Callable[[], float] = random.random,
-    attempts: int = 5,
-) -> dict[str, Any] | None:
-    """The order with this client id (read, retried), or None when the exchange does not know it.
-
-    Binance: GET /api/v3/order?origClientOrderId=...; -2013 "Order does not exist" is None. Right after an
-    ambiguous send the order may not be visible yet: callers poll for a grace period before concluding.
-    A filled order's client id may be reused on Binance; the newest order with the id is returned.
-    """
-    params = {_client_id_param(exchange, lookup=True): client_id}
-
-    def lookup() -> dict[str, Any] | None:
-        try:
-            return exchange.fetch_order(None, symbol, params)
-        except ccxt.OrderNotFound:
-            return None
-
-    return retry_read(lookup, sleep=sleep, rng=rng, attempts=attempts, op="fetch_order_by_client_id", exchange=exchange)
-
-
-def fetch_balance(
-    exchange: Any,
-    *,
-    sleep: Callable[[float], None] = time.sleep,
-    rng: Callable[[], float] = random.random,
-) -> dict[str, Any]:
-    """The account balance (ccxt's structure: free/used/total per currency), read with retries."""
-    return retry_read(exchange.fetch_balance, sleep=sleep, rng=rng, op="fetch_balance", exchange=exchange)
-
-
-def fetch_my_trades(
-    exchange: Any,
-    symbol: str,
-    *,
-    since_ms: int | None = None,
-    limit: int | None = None,
-    order_id: str | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-    rng: Callable[[], float] = random.random,
-) -> list[dict[str, Any]]:
-    """Our trades on `symbol` (optionally since a time, or of one order id on Binance), read with retries."""
-    params = {"orderId": order_id} if order_id is not None else {}
-    return retry_read(
-        lambda: exchange.fetch_my_trades(symbol, since_ms, limit, params),
-        sleep=sleep,
-        rng=rng,
-        op="fetch_my_trades",
-        exchange=exchange,
-    )
 
 
 def _base_quote(symbol: str) -> tuple[str, str]:
@@ -727,49 +485,349 @@ def fee_to_quote(
     return cost * float(rate)
 
 
-def check_key_permissions(
-    exchange: Any,
-    *,
-    sleep: Callable[[float], None] = time.sleep,
-    rng: Callable[[], float] = random.random,
-) -> dict[str, Any]:
-    """The API key's permissions (Binance GET /sapi/v1/account/apiRestrictions); refuses a key that can withdraw.
+# ---------------------------------------------------------------------------------------------------
+# The client: every ccxt call of the product, reads retried with the one policy, orders sent once.
+# ---------------------------------------------------------------------------------------------------
 
-    A withdrawal-enabled key raises AuthenticationExchangeError (exit 77, like any key the exchange
-    refuses): the fix is made on the exchange's API management page, not in our settings, and a leaked
-    trading key must not be able to move funds out. Where the exchange reports nothing (other exchanges,
-    Binance's testnet and demo trading have no /sapi) the result says checked=False and is logged.
-    """
-    method = getattr(exchange, "sapi_get_account_apirestrictions", None)
-    if method is None:
-        log.warning("exchange_key_permissions_unavailable", exchange=exchange.id, reason="not reported")
-        return {"checked": False}
-    try:
-        raw = retry_read(method, sleep=sleep, rng=rng, op="check_key_permissions", exchange=exchange)
-    except OperationalExchangeError as exc:
-        if getattr(exc, "ccxt_error", "") != "NotSupported":
-            raise
-        log.warning("exchange_key_permissions_unavailable", exchange=exchange.id, reason="no sapi endpoint")
-        return {"checked": False}
-    if not isinstance(raw, Mapping):
-        raise OperationalExchangeError(f"{exchange.id} apiRestrictions returned {type(raw).__name__}, not an object")
-    result = {
-        "checked": True,
-        "can_withdraw": bool(raw.get("enableWithdrawals")),
-        "can_trade_spot": bool(raw.get("enableSpotAndMarginTrading")),
-        "can_trade_futures": bool(raw.get("enableFutures")),
-        "can_transfer": bool(raw.get("enableInternalTransfer") or raw.get("permitsUniversalTransfer")),
-        "ip_restricted": bool(raw.get("ipRestrict")),
-    }
-    if result["can_withdraw"]:
-        log.error("exchange_key_can_withdraw", exchange=exchange.id)
-        raise AuthenticationExchangeError(
-            "the API key can withdraw funds: ritmo refuses it; create a key without the withdrawal "
-            "permission (Binance: API management, untick 'Enable Withdrawals') and restrict it to your IP"
+# The one read policy (retry_read's defaults), and its quick variant for a price needed right now.
+READ_ATTEMPTS = 5
+READ_BASE_DELAY_S = 1.0
+QUICK_READ_ATTEMPTS = 2
+QUICK_READ_BASE_DELAY_S = 0.5
+# Binance -4046 "No need to change margin type": the setting is already what was asked.
+_ALREADY_SET_RE = re.compile(r"-4046|No need to change")
+
+
+class ExchangeClient:
+    """A ccxt exchange behind typed methods: reads retried with the one policy (`retry_read`), orders never."""
+
+    def __init__(
+        self,
+        ccxt_exchange: Any,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        # Only bot/exchange/ may touch the ccxt object itself (tests/test_exchange_boundary.py).
+        self.ccxt_exchange = ccxt_exchange
+        self._sleep = sleep
+        self._rng = rng
+
+    # --- identity and facts of the loaded markets (no request) -----------------------------------
+
+    @property
+    def id(self) -> str:
+        """The ccxt exchange id (binance, binanceusdm, ...)."""
+        return str(getattr(self.ccxt_exchange, "id", "?"))
+
+    @property
+    def precision_mode(self) -> int:
+        """ccxt's precisionMode of the exchange (TICK_SIZE for Binance)."""
+        return int(getattr(self.ccxt_exchange, "precisionMode", ccxt.TICK_SIZE))
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The credentials set on the exchange, to be redacted from messages."""
+        return secrets_of(self.ccxt_exchange)
+
+    def market(self, symbol: str) -> dict[str, Any]:
+        """ccxt's description of `symbol` (markets must be loaded: `check_symbol`)."""
+        return self.ccxt_exchange.market(symbol)
+
+    def market_rules(self, symbol: str) -> MarketRules:
+        """The order-size rules of `symbol` (amount step, minimum amount and notional)."""
+        return MarketRules.from_ccxt_market(self.market(symbol), self.precision_mode)
+
+    def amount_to_precision(self, symbol: str, qty: float) -> float:
+        """`qty` truncated to the market's amount step by ccxt (never rounded up); 0.0 when below one step."""
+        if not qty > 0:
+            return 0.0
+        try:
+            return float(self.ccxt_exchange.amount_to_precision(symbol, qty))
+        except ccxt.InvalidOrder:
+            # ccxt refuses to return "0" for an amount below one step: that is an amount of zero to us.
+            return 0.0
+
+    def min_notional(self, symbol: str) -> float | None:
+        """The market's minimum order value in quote (Binance NOTIONAL/MIN_NOTIONAL filter), None if unknown."""
+        return self._market_limit(symbol, "cost", "min")
+
+    def min_amount(self, symbol: str) -> float | None:
+        """The market's minimum order quantity in base (Binance LOT_SIZE minQty), None if unknown."""
+        return self._market_limit(symbol, "amount", "min")
+
+    def _market_limit(self, symbol: str, kind: str, bound: str) -> float | None:
+        value = ((self.market(symbol).get("limits") or {}).get(kind) or {}).get(bound)
+        return float(value) if value else None
+
+    # --- reads, retried ----------------------------------------------------------------------------
+
+    def _read(
+        self,
+        fn: Callable[[], T],
+        op: str,
+        *,
+        attempts: int = READ_ATTEMPTS,
+        base_delay_s: float = READ_BASE_DELAY_S,
+    ) -> T:
+        """`fn` under the one read policy, with this client's sleep, jitter and credentials to redact."""
+        return retry_read(
+            fn,
+            attempts=attempts,
+            base_delay_s=base_delay_s,
+            sleep=self._sleep,
+            rng=self._rng,
+            op=op,
+            exchange=self.ccxt_exchange,
         )
-    if not result["ip_restricted"]:
-        log.warning("exchange_key_not_ip_restricted", exchange=exchange.id)
-    log.info("exchange_key_permissions", exchange=exchange.id, **{k: v for k, v in result.items() if k != "checked"})
-    return result
 
+    def check_symbol(self, symbol: str) -> None:
+        """Load the markets (retried) and fail clearly when the exchange does not list `symbol`."""
+        markets = self._read(self.ccxt_exchange.load_markets, "load_markets")
+        if symbol not in (markets or {}):
+            close = difflib.get_close_matches(symbol, list(markets or {}), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise OperationalExchangeError(f"{self.id} has no market {symbol!r}{hint}")
 
+    def server_time_ms(self) -> int:
+        """The exchange's clock in epoch ms (fetch_time, retried); the local clock only if it has none."""
+        exchange = self.ccxt_exchange
+        if not (getattr(exchange, "has", {}) or {}).get("fetchTime"):
+            log.warning("exchange_time_unavailable", exchange=self.id, fallback="local_clock")
+            return int(exchange.milliseconds())
+        now_ms = self._read(exchange.fetch_time, "fetch_time")
+        if not isinstance(now_ms, int | float) or now_ms <= 0:
+            raise OperationalExchangeError(f"{self.id} returned a nonsense server time: {now_ms!r}")
+        return int(now_ms)
+
+    def fetch_ohlcv_page(
+        self, symbol: str, timeframe: str, since_ms: int, limit: int = MAX_OHLCV_LIMIT
+    ) -> list[list[Any]]:
+        """One fetch_ohlcv call (retried): raw rows with open time >= since_ms, forming candle included."""
+        if not 1 <= limit <= MAX_OHLCV_LIMIT:
+            raise ValueError(f"limit must be in 1..{MAX_OHLCV_LIMIT}, got {limit}")
+        rows = self._read(
+            lambda: self.ccxt_exchange.fetch_ohlcv(symbol, timeframe, since=int(since_ms), limit=int(limit)),
+            "fetch_ohlcv",
+        )
+        if not isinstance(rows, list):
+            raise OperationalExchangeError(f"{self.id} fetch_ohlcv returned {type(rows).__name__}, not a list")
+        return rows
+
+    def iter_closed_candle_pages(
+        self,
+        symbol: str,
+        since_ms: int,
+        now_ms: int,
+        *,
+        until_ms: int | None = None,
+        timeframe: str = SUPPORTED_TIMEFRAME,
+        limit: int = MAX_OHLCV_LIMIT,
+    ) -> Iterator[pd.DataFrame]:
+        """Page through closed candles with `since_ms <= ts_ms < until_ms`; one yielded frame per API call.
+
+        Paging stops when the exchange returns nothing, when the next candle would open at or after
+        `until_ms`, or when it would not be closed at `now_ms` (exchange time). Gaps are jumped over, as the
+        exchange returns the first candles at or after `since`.
+        """
+        check_timeframe(timeframe)
+        since_ms = -(-int(since_ms) // CANDLE_MS) * CANDLE_MS  # first 5-minute boundary at or after since
+        while True:
+            if until_ms is not None and since_ms >= until_ms:
+                return
+            if since_ms + CANDLE_MS > now_ms:
+                return  # the next candle is not closed yet
+            rows = self.fetch_ohlcv_page(symbol, timeframe, since_ms, limit)
+            if not rows:
+                return
+            page = normalize_ohlcv_rows(rows, now_ms)
+            page = page[page["ts_ms"] >= since_ms]
+            if until_ms is not None:
+                page = page[page["ts_ms"] < until_ms]
+            page = page.reset_index(drop=True)
+            last_ts_ms = max(int(r[0]) for r in rows)
+            next_since_ms = last_ts_ms + CANDLE_MS
+            if next_since_ms <= since_ms:
+                # An exchange that ignores `since` would loop forever; stop with a clear error instead.
+                raise OperationalExchangeError(
+                    f"{self.id} fetch_ohlcv returned no candle at or after since={since_ms}: cannot page"
+                )
+            yield page
+            since_ms = next_since_ms
+
+    def fetch_closed_candles(
+        self,
+        symbol: str,
+        since_ms: int,
+        now_ms: int,
+        timeframe: str = SUPPORTED_TIMEFRAME,
+        *,
+        until_ms: int | None = None,
+    ) -> pd.DataFrame:
+        """All closed candles from since_ms (before until_ms if given), paged; the forming candle dropped."""
+        pages = list(self.iter_closed_candle_pages(symbol, since_ms, now_ms, until_ms=until_ms, timeframe=timeframe))
+        pages = [p for p in pages if len(p)]
+        if not pages:
+            return empty_candles()
+        df = pd.concat(pages, ignore_index=True)
+        return df.drop_duplicates(subset="ts_ms", keep="last").sort_values("ts_ms").reset_index(drop=True)
+
+    def fetch_ticker(self, symbol: str, *, quick: bool = False) -> dict[str, Any]:
+        """The ticker of `symbol` (retried; `quick`: two attempts, for a price needed right now)."""
+        if quick:
+            return self._read(
+                lambda: self.ccxt_exchange.fetch_ticker(symbol),
+                "fetch_ticker",
+                attempts=QUICK_READ_ATTEMPTS,
+                base_delay_s=QUICK_READ_BASE_DELAY_S,
+            )
+        return self._read(lambda: self.ccxt_exchange.fetch_ticker(symbol), "fetch_ticker")
+
+    def fetch_balance(self) -> dict[str, Any]:
+        """The account balance (ccxt's structure: free/used/total per currency), read with retries."""
+        return self._read(self.ccxt_exchange.fetch_balance, "fetch_balance")
+
+    def fetch_order(self, order_id: str, symbol: str) -> dict[str, Any]:
+        """The order with this exchange order id (read, retried)."""
+        return self._read(lambda: self.ccxt_exchange.fetch_order(order_id, symbol), "fetch_order")
+
+    def fetch_order_by_client_id(self, symbol: str, client_id: str) -> dict[str, Any] | None:
+        """The order with this client id (read, retried), or None when the exchange does not know it.
+
+        Binance: GET /api/v3/order?origClientOrderId=...; -2013 "Order does not exist" is None. Right after an
+        ambiguous send the order may not be visible yet: callers poll for a grace period before concluding.
+        A filled order's client id may be reused on Binance; the newest order with the id is returned.
+        """
+        params = {self._client_id_param(lookup=True): client_id}
+
+        def lookup() -> dict[str, Any] | None:
+            try:
+                return self.ccxt_exchange.fetch_order(None, symbol, params)
+            except ccxt.OrderNotFound:
+                return None
+
+        return self._read(lookup, "fetch_order_by_client_id")
+
+    def fetch_my_trades(
+        self,
+        symbol: str,
+        *,
+        since_ms: int | None = None,
+        limit: int | None = None,
+        order_id: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Our trades on `symbol` (optionally since a time, or of one order id on Binance), read with retries."""
+        params = {"orderId": order_id} if order_id is not None else {}
+        return self._read(
+            lambda: self.ccxt_exchange.fetch_my_trades(symbol, since_ms, limit, params), "fetch_my_trades"
+        )
+
+    def fetch_positions(self, symbols: list[str]) -> list[dict[str, Any]]:
+        """The futures positions of `symbols` (ccxt drops flat ones), read with retries."""
+        return self._read(lambda: self.ccxt_exchange.fetch_positions(symbols), "fetch_positions")
+
+    def fetch_position_mode(self, symbol: str | None = None) -> dict[str, Any]:
+        """The futures account's position mode (ccxt: {'hedged': bool, 'info': ...}), read with retries."""
+        fetch = getattr(self.ccxt_exchange, "fetch_position_mode", None)
+        if fetch is None:
+            raise ConfigError(f"{self.id}: ccxt cannot read the position mode (fetch_position_mode)")
+        return self._read(lambda: fetch(symbol), "fetch_position_mode")
+
+    def check_key_permissions(self) -> dict[str, Any]:
+        """The API key's permissions (Binance GET /sapi/v1/account/apiRestrictions); refuses a key that can withdraw.
+
+        A withdrawal-enabled key raises AuthenticationExchangeError (exit 77, like any key the exchange
+        refuses): the fix is made on the exchange's API management page, not in our settings, and a leaked
+        trading key must not be able to move funds out. Where the exchange reports nothing (other exchanges,
+        Binance's testnet and demo trading have no /sapi) the result says checked=False and is logged.
+        """
+        method = getattr(self.ccxt_exchange, "sapi_get_account_apirestrictions", None)
+        if method is None:
+            log.warning("exchange_key_permissions_unavailable", exchange=self.id, reason="not reported")
+            return {"checked": False}
+        try:
+            raw = self._read(method, "check_key_permissions")
+        except OperationalExchangeError as exc:
+            if getattr(exc, "ccxt_error", "") != "NotSupported":
+                raise
+            log.warning("exchange_key_permissions_unavailable", exchange=self.id, reason="no sapi endpoint")
+            return {"checked": False}
+        if not isinstance(raw, Mapping):
+            raise OperationalExchangeError(f"{self.id} apiRestrictions returned {type(raw).__name__}, not an object")
+        result = {
+            "checked": True,
+            "can_withdraw": bool(raw.get("enableWithdrawals")),
+            "can_trade_spot": bool(raw.get("enableSpotAndMarginTrading")),
+            "can_trade_futures": bool(raw.get("enableFutures")),
+            "can_transfer": bool(raw.get("enableInternalTransfer") or raw.get("permitsUniversalTransfer")),
+            "ip_restricted": bool(raw.get("ipRestrict")),
+        }
+        if result["can_withdraw"]:
+            log.error("exchange_key_can_withdraw", exchange=self.id)
+            raise AuthenticationExchangeError(
+                "the API key can withdraw funds: ritmo refuses it; create a key without the withdrawal "
+                "permission (Binance: API management, untick 'Enable Withdrawals') and restrict it to your IP"
+            )
+        if not result["ip_restricted"]:
+            log.warning("exchange_key_not_ip_restricted", exchange=self.id)
+        log.info("exchange_key_permissions", exchange=self.id, **{k: v for k, v in result.items() if k != "checked"})
+        return result
+
+    # --- writes, sent once -------------------------------------------------------------------------
+
+    def _client_id_param(self, *, lookup: bool) -> str:
+        # Binance names the id newClientOrderId when placing and origClientOrderId when querying.
+        if self.id.startswith("binance"):
+            return "origClientOrderId" if lookup else "newClientOrderId"
+        return "clientOrderId"
+
+    def create_market_order(
+        self,
+        symbol: str,
+        side: str,
+        qty_base: float,
+        client_id: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Send one market order for `qty_base` (price=None, never quoteOrderQty), never retried.
+
+        `params` go to ccxt as they are (futures: {"reduceOnly": True}). Raises our mapped error with
+        `.order_outcome` set by classify_order_error.
+        """
+        if side not in ("buy", "sell"):
+            raise ValueError(f"side must be 'buy' or 'sell', got {side!r}")
+        if not CLIENT_ORDER_ID_RE.match(client_id):
+            raise ValueError(f"client order id {client_id!r} does not match {CLIENT_ORDER_ID_RE.pattern}")
+        if not qty_base > 0:
+            raise ValueError(f"qty_base must be > 0, got {qty_base}")
+        params = {**(params or {}), self._client_id_param(lookup=False): client_id}
+        try:
+            # price=None: with a price, ccxt turns a Binance spot market buy into a quote amount (quoteOrderQty).
+            return self.ccxt_exchange.create_order(symbol, "market", side, qty_base, None, params)
+        except (ccxt.BaseError, ExchangeError) as exc:
+            err = map_ccxt_error(exc, secrets=self.secrets)
+            outcome = classify_order_error(exc)
+        except OSError as exc:  # a socket error that escaped ccxt's wrapping: the request may have left
+            err = TemporaryExchangeError(f"order send failed ({type(exc).__name__}): {redact(str(exc))}")
+            outcome = ORDER_AMBIGUOUS
+        err.order_outcome = outcome  # type: ignore[attr-defined]
+        raise err from None
+
+    def set_margin_mode(self, margin_mode: str, symbol: str) -> bool:
+        """Set the futures margin mode of `symbol` (sent once); False when it was so already (Binance -4046)."""
+        return self._set(lambda: self.ccxt_exchange.set_margin_mode(margin_mode, symbol))
+
+    def set_leverage(self, leverage: int, symbol: str) -> bool:
+        """Set the futures leverage of `symbol` (sent once); False when it was so already."""
+        return self._set(lambda: self.ccxt_exchange.set_leverage(leverage, symbol))
+
+    def _set(self, call: Callable[[], object]) -> bool:
+        """Send one account setting; "no need to change" is success, anything else is mapped and raised."""
+        try:
+            call()
+        except Exception as exc:  # whatever the call raised, mapped right here, with the credentials redacted
+            if _ALREADY_SET_RE.search(str(exc)):
+                return False
+            raise map_ccxt_error(exc, secrets=self.secrets) from None
+        return True

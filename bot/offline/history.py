@@ -15,13 +15,9 @@
 
 from __future__ import annotations
 
-import random
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,15 +25,7 @@ import structlog
 from tqdm import tqdm
 
 from bot.errors import CandleFileError, ConfigError
-from bot.exchange.client import (
-    MAX_OHLCV_LIMIT,
-    SUPPORTED_TIMEFRAME,
-    check_symbol,
-    check_timeframe,
-    exchange_now_ms,
-    fetch_ohlcv_page,
-    iter_closed_candle_pages,
-)
+from bot.exchange.client import MAX_OHLCV_LIMIT, SUPPORTED_TIMEFRAME, ExchangeClient, check_timeframe
 from bot.files.candles import load_candles_with_gaps, log_gaps, save_candles
 from strategies.candles import (
     CANDLE_MS,
@@ -81,9 +69,9 @@ def _align_up(ts_ms: int) -> int:
     return -(-int(ts_ms) // CANDLE_MS) * CANDLE_MS
 
 
-def _check_seam(path: Path, last: pd.Series, page: pd.DataFrame, exchange: Any, symbol: str) -> None:
+def _check_seam(path: Path, last: pd.Series, page: pd.DataFrame, exchange_id: str, symbol: str) -> None:
     """Refuse to append when the exchange's copy of the file's last candle differs from the file's."""
-    where = f"{exchange.id} {symbol} {SUPPORTED_TIMEFRAME}"
+    where = f"{exchange_id} {symbol} {SUPPORTED_TIMEFRAME}"
     last_ts_ms = int(last["ts_ms"])
     if len(page) == 0 or int(page["ts_ms"].iloc[0]) != last_ts_ms:
         raise CandleFileError(
@@ -105,18 +93,16 @@ def _check_seam(path: Path, last: pd.Series, page: pd.DataFrame, exchange: Any, 
 
 
 def download_candles(
-    exchange: Any,
+    client: ExchangeClient,
     symbol: str,
     timeframe: str,
     since_ms: int | None,
     until_ms: int | None,
     out_path: str | Path,
     *,
-    sleep: Callable[[float], None] = time.sleep,
     progress: bool = True,
     now_ms: int | None = None,
     flush_every_pages: int = FLUSH_EVERY_PAGES,
-    rng: Callable[[], float] = random.random,
 ) -> DownloadResult:
     """Download closed candles with open times in [since_ms, until_ms) to out_path, resuming the file."""
     out_path = Path(out_path)
@@ -127,9 +113,9 @@ def download_candles(
         raise ValueError("flush_every_pages must be >= 1")
     if since_ms is None and not out_path.exists():
         raise ConfigError(f"a start time (--since) is needed: {out_path} does not exist yet")
-    check_symbol(exchange, symbol, sleep=sleep)
+    client.check_symbol(symbol)
     if now_ms is None:
-        now_ms = exchange_now_ms(exchange, sleep=sleep, rng=rng)
+        now_ms = client.server_time_ms()
     api_calls = 0
 
     # ---- where to start: a fresh file at since_ms, or the existing file's last candle ----------------
@@ -146,12 +132,12 @@ def download_candles(
             )
         if since_ms is not None and _align_up(since_ms) < first_ts_ms:
             # Only fine when the exchange has nothing earlier either (e.g. since before the listing).
-            head = fetch_ohlcv_page(exchange, symbol, timeframe, _align_up(since_ms), 1, sleep=sleep, rng=rng)
+            head = client.fetch_ohlcv_page(symbol, timeframe, _align_up(since_ms), 1)
             api_calls += 1
             if head and int(head[0][0]) < first_ts_ms:
                 raise CandleFileError(
                     out_path,
-                    f"starts at {iso_utc(first_ts_ms)} but {exchange.id} has {symbol} candles from "
+                    f"starts at {iso_utc(first_ts_ms)} but {client.id} has {symbol} candles from "
                     f"{iso_utc(int(head[0][0]))} on: a download cannot prepend to an existing file; "
                     f"use another --out file, or --since {iso_utc(first_ts_ms)} or later",
                 )
@@ -206,21 +192,13 @@ def download_candles(
     )
     try:
         if expected > 0:
-            pages = iter_closed_candle_pages(
-                exchange,
-                symbol,
-                start_ms,
-                now_ms,
-                until_ms=until_ms,
-                timeframe=timeframe,
-                limit=MAX_OHLCV_LIMIT,
-                sleep=sleep,
-                rng=rng,
+            pages = client.iter_closed_candle_pages(
+                symbol, start_ms, now_ms, until_ms=until_ms, timeframe=timeframe, limit=MAX_OHLCV_LIMIT
             )
             for page in pages:
                 api_calls += 1
                 if last_row is not None:
-                    _check_seam(out_path, last_row, page, exchange, symbol)
+                    _check_seam(out_path, last_row, page, client.id, symbol)
                     page = page.iloc[1:].reset_index(drop=True)
                     last_row = None
                 pending.append(page)

@@ -281,9 +281,27 @@ def _num(x: Any, fmt: str = "{:.2f}") -> str:
 
 
 def render_markdown(r: dict[str, Any]) -> str:
-    """report.md: the configuration, the folds, the pooled tables per cost, the per-fold tables, the targets."""
-    lines = [f"# Walk-forward evaluation: `{r['name']}`", ""]
+    """report.md: the configuration, the folds, the targets, then per split the pooled tables per cost and the
+    per-fold table."""
+    lines = _intro(r) + _targets(r["headline"])
+    for split in r["splits"]:
+        lines += _pooled_tables(r["pooled"][split], split) + _per_fold_table(r, split)
+    lines += ["", "![equity per fold](equity.png)", "", "![Sharpe per fold](sharpe.png)", ""]
+    return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table: the header, its rule and one line per row."""
+    return [_row(header), "|" + "---|" * len(header)] + [_row(cells) for cells in rows]
+
+
+def _row(cells: list[str]) -> str:
+    return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+
+def _intro(r: dict[str, Any]) -> list[str]:
     cfg = r["config"]
+    lines = [f"# Walk-forward evaluation: `{r['name']}`", ""]
     lines += [
         f"Objective `{cfg['objective']}`, {cfg['position_mode']}, decide every {cfg['decide_every']} candles, "
         f"{cfg['episodes_per_update']} episodes ({cfg['group_size']} per start) x {cfg['episode_steps']} decisions, "
@@ -294,89 +312,134 @@ def render_markdown(r: dict[str, Any]) -> str:
         "kept is the best on that fold's validation months). The policy samples its actions as the daemon does; "
         "its figures are means over seeds. Short borrow and funding costs are not modelled.",
         "",
-        "| fold | train | valid | test |",
-        "|---|---|---|---|",
     ]
-    for f in r["folds"]:
-        lines.append(
-            f"| {f['index']} | {' .. '.join(f['train'])} | {' .. '.join(f['valid'])} | {' .. '.join(f['test'])} |"
-        )
-    h = r["headline"]
-    lines += ["", f"## Targets ({h['split']} folds pooled, commission {h['commission']})", ""]
-    lines += ["| target | measured | met |", "|---|---|---|"]
+    folds = [[str(f["index"]), *(" .. ".join(f[k]) for k in ("train", "valid", "test"))] for f in r["folds"]]
+    return lines + _table(["fold", "train", "valid", "test"], folds)
+
+
+def _targets(h: dict[str, Any]) -> list[str]:
     t = h["targets"]
-    lines += [
-        f"| every seed trades on every fold, 1/week .. 6/day | {h['units_never_traded']} runs never traded; "
-        f"trades/day {_num(h['trades_per_day_min'], '{:.3f}')} .. {_num(h['trades_per_day_max'], '{:.3f}')} | "
-        f"{_yes(t['trades_every_unit_in_range'])} |",
-        f"| beats flat | return {_pct(h['policy_return'])} | {_yes(t['beats_flat'])} |",
-        f"| Sharpe >= buy & hold | {_num(h['policy_sharpe'])} (95% CI {_ci(h['policy_sharpe_ci'])}) vs "
-        f"{_num(h['buy_and_hold_sharpe'])} | {_yes(t['sharpe_at_least_buy_and_hold'])} |",
-        f"| Sharpe >= best SMA rule | {_num(h['policy_sharpe'])} vs {_num(h['best_sma_sharpe'])} ({h['best_sma']}) | "
-        f"{_yes(t['sharpe_at_least_best_sma'])} |",
-        f"| max drawdown < buy & hold | {_pct(h['policy_max_drawdown'])} vs {_pct(h['buy_and_hold_max_drawdown'])} | "
-        f"{_yes(t['drawdown_below_buy_and_hold'])} |",
+    trades = (
+        f"{h['units_never_traded']} runs never traded; trades/day {_num(h['trades_per_day_min'], '{:.3f}')} .. "
+        f"{_num(h['trades_per_day_max'], '{:.3f}')}"
+    )
+    sharpe = f"{_num(h['policy_sharpe'])} (95% CI {_ci(h['policy_sharpe_ci'])}) vs {_num(h['buy_and_hold_sharpe'])}"
+    rows = [
+        ["every seed trades on every fold, 1/week .. 6/day", trades, _yes(t["trades_every_unit_in_range"])],
+        ["beats flat", f"return {_pct(h['policy_return'])}", _yes(t["beats_flat"])],
+        ["Sharpe >= buy & hold", sharpe, _yes(t["sharpe_at_least_buy_and_hold"])],
+        [
+            "Sharpe >= best SMA rule",
+            f"{_num(h['policy_sharpe'])} vs {_num(h['best_sma_sharpe'])} ({h['best_sma']})",
+            _yes(t["sharpe_at_least_best_sma"]),
+        ],
+        [
+            "max drawdown < buy & hold",
+            f"{_pct(h['policy_max_drawdown'])} vs {_pct(h['buy_and_hold_max_drawdown'])}",
+            _yes(t["drawdown_below_buy_and_hold"]),
+        ],
+    ]
+    lines = ["", f"## Targets ({h['split']} folds pooled, commission {h['commission']})", ""]
+    lines += _table(["target", "measured", "met"], rows)
+    return [
+        *lines,
         "",
         f"Deflated Sharpe ratio (probability that the Sharpe beats the best of {h['n_trials']} null trials): "
         f"{_num(h['deflated_sharpe'], '{:.3f}')}.",
     ]
-    for split in r["splits"]:
-        lines += ["", f"## Pooled {split} folds, cost sweep", ""]
-        lines += [
-            "| commission | strategy | return | Sharpe (daily, ann.) | 95% CI | max DD | trades/day |",
-            "|---|---|---|---|---|---|---|",
+
+
+def _pooled_tables(pooled: dict[str, Any], split: str) -> list[str]:
+    sweep, quality = [], []
+    for cost, p in pooled.items():
+        pol = p["policy"]
+        sweep.append([cost, "**policy** (mean of seeds)", *_returns(pol), _num(pol["trades_per_day"], "{:.3f}")])
+        sweep += [
+            [cost, BASELINE_LABELS.get(name, "random, policy's turnover"), *_returns(b), ""]
+            for name, b in p["baselines"].items()
         ]
-        for cost, p in r["pooled"][split].items():
-            pol = p["policy"]
-            lines.append(
-                f"| {cost} | **policy** (mean of seeds) | {_pct(pol['total_return'])} | {_num(pol['sharpe'])} | "
-                f"{_ci(pol['sharpe_ci'])} | {_pct(pol['max_drawdown'])} | {_num(pol['trades_per_day'], '{:.3f}')} |"
-            )
-            for name, b in p["baselines"].items():
-                label = BASELINE_LABELS.get(name, "random, policy's turnover")
-                lines.append(
-                    f"| {cost} | {label} | {_pct(b['total_return'])} | {_num(b['sharpe'])} | {_ci(b['sharpe_ci'])} | "
-                    f"{_pct(b['max_drawdown'])} | |"
-                )
-        lines += ["", f"### Policy trade quality, {split} folds", ""]
-        lines += [
-            "| commission | trades/day | avg holding (h) | win rate | profit factor | fees (x start equity) | "
-            "edge/trade (bps) | edge / fee | daily diff to B&H (bps, 95% CI) | deflated Sharpe | runs never traded |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for cost, p in r["pooled"][split].items():
-            pol = p["policy"]
-            lines.append(
-                f"| {cost} | {_num(pol['trades_per_day'], '{:.3f}')} | {_num(pol['avg_holding_hours'], '{:.1f}')} | "
-                f"{_num(pol['win_rate'], '{:.1%}')} | {_num(pol['profit_factor'])} | "
-                f"{_num(pol['fees_frac_of_start_equity'], '{:.3f}')} | {_num(pol['edge_per_trade_bps'], '{:.1f}')} | "
-                f"{_num(pol['edge_over_fee'])} | {_num(pol['daily_diff_to_hold_bps'], '{:+.1f}')} "
-                f"({_ci(pol['daily_diff_to_hold_ci_bps'], '{:+.1f}')}) | {_num(pol['deflated_sharpe'], '{:.3f}')} | "
-                f"{pol['units_never_traded']} of {pol['units']} |"
-            )
-        cost0 = (
-            str(r["config"]["commission"])
-            if str(r["config"]["commission"]) in r["per_fold"][split]
-            else next(iter(r["per_fold"][split]))
+        quality.append(_quality(cost, pol))
+    lines = ["", f"## Pooled {split} folds, cost sweep", ""]
+    header = ["commission", "strategy", "return", "Sharpe (daily, ann.)", "95% CI", "max DD", "trades/day"]
+    lines += _table(header, sweep)
+    lines += ["", f"### Policy trade quality, {split} folds", ""]
+    header = [
+        "commission",
+        "trades/day",
+        "avg holding (h)",
+        "win rate",
+        "profit factor",
+        "fees (x start equity)",
+        "edge/trade (bps)",
+        "edge / fee",
+        "daily diff to B&H (bps, 95% CI)",
+        "deflated Sharpe",
+        "runs never traded",
+    ]
+    return lines + _table(header, quality)
+
+
+def _returns(figs: dict[str, Any]) -> list[str]:
+    """return, Sharpe, its CI and max drawdown of one pooled strategy."""
+    return [_pct(figs["total_return"]), _num(figs["sharpe"]), _ci(figs["sharpe_ci"]), _pct(figs["max_drawdown"])]
+
+
+def _quality(cost: str, pol: dict[str, Any]) -> list[str]:
+    diff = f"{_num(pol['daily_diff_to_hold_bps'], '{:+.1f}')} ({_ci(pol['daily_diff_to_hold_ci_bps'], '{:+.1f}')})"
+    return [
+        cost,
+        _num(pol["trades_per_day"], "{:.3f}"),
+        _num(pol["avg_holding_hours"], "{:.1f}"),
+        _num(pol["win_rate"], "{:.1%}"),
+        _num(pol["profit_factor"]),
+        _num(pol["fees_frac_of_start_equity"], "{:.3f}"),
+        _num(pol["edge_per_trade_bps"], "{:.1f}"),
+        _num(pol["edge_over_fee"]),
+        diff,
+        _num(pol["deflated_sharpe"], "{:.3f}"),
+        f"{pol['units_never_traded']} of {pol['units']}",
+    ]
+
+
+def _per_fold_table(r: dict[str, Any], split: str) -> list[str]:
+    per_fold = r["per_fold"][split]
+    cost0 = str(r["config"]["commission"])
+    cost0 = cost0 if cost0 in per_fold else next(iter(per_fold))
+    lines = ["", f"### Per fold, {split}, commission {cost0} (policy: mean ± std over seeds)", ""]
+    header = [
+        "fold",
+        "policy return",
+        "policy Sharpe (5m)",
+        "policy max DD",
+        "trades/day",
+        "never traded",
+        "random",
+        "B&H",
+        "B&H Sharpe",
+        "SMA 1d/5d LO",
+        "SMA 2d/8d LO",
+        "flat",
+    ]
+    rows = []
+    for row in per_fold[cost0]:
+        pr = row["policy_return"]
+        rows.append(
+            [
+                str(row["fold"]),
+                f"{_pct(pr['mean'])} ± {_num(pr['std'], '{:.2%}')}",
+                _num(row["policy_sharpe_5m"]["mean"]),
+                _pct(row["policy_max_drawdown"]["mean"]),
+                _num(row["policy_trades_per_day"]["mean"], "{:.3f}"),
+                str(row["policy_never_traded"]),
+                _pct(row["random_return"]),
+                _pct(row["buy_and_hold_return"]),
+                _num(row["buy_and_hold_sharpe_5m"]),
+                _pct(row["sma_1d_5d_long_only_return"]),
+                _pct(row["sma_2d_8d_long_only_return"]),
+                _pct(row["flat_return"]),
+            ]
         )
-        lines += ["", f"### Per fold, {split}, commission {cost0} (policy: mean ± std over seeds)", ""]
-        lines += [
-            "| fold | policy return | policy Sharpe (5m) | policy max DD | trades/day | never traded | random | "
-            "B&H | B&H Sharpe | SMA 1d/5d LO | SMA 2d/8d LO | flat |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for row in r["per_fold"][split][cost0]:
-            pr, ps = row["policy_return"], row["policy_sharpe_5m"]
-            lines.append(
-                f"| {row['fold']} | {_pct(pr['mean'])} ± {_num(pr['std'], '{:.2%}')} | {_num(ps['mean'])} | "
-                f"{_pct(row['policy_max_drawdown']['mean'])} | "
-                f"{_num(row['policy_trades_per_day']['mean'], '{:.3f}')} | "
-                f"{row['policy_never_traded']} | {_pct(row['random_return'])} | {_pct(row['buy_and_hold_return'])} | "
-                f"{_num(row['buy_and_hold_sharpe_5m'])} | {_pct(row['sma_1d_5d_long_only_return'])} | "
-                f"{_pct(row['sma_2d_8d_long_only_return'])} | {_pct(row['flat_return'])} |"
-            )
-    lines += ["", "![equity per fold](equity.png)", "", "![Sharpe per fold](sharpe.png)", ""]
-    return "\n".join(lines)
+    return lines + _table(header, rows)
 
 
 def _yes(b: bool) -> str:
