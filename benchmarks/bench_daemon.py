@@ -85,6 +85,7 @@ def child(args: argparse.Namespace) -> None:
 
     from bot.cli import build_parser
     from bot.commands import run as runner
+    from bot.daemon import service
     from bot.daemon.tick import Daemon
     from bot.logs import configure_logging
 
@@ -120,9 +121,9 @@ def child(args: argparse.Namespace) -> None:
     settings = runner.resolve_settings(ns)
     sink = open(os.devnull, "w")  # noqa: SIM115  # lives as long as the process
     configure_logging("json", settings.log_level, stream=sink, secrets=settings.secret_values())
-    runner.single_threaded_torch()
+    service.single_threaded_torch()
     t_ready = time.perf_counter()
-    runner.run_replay(settings, ns, runner.StopSignal())
+    runner.run_replay(settings, ns, service.StopSignal())
     t_end = time.perf_counter()
 
     lat = np.array([o.latency_ms for o in outcomes])

@@ -583,14 +583,8 @@ def expected_pnl_step(
     model is left in eval mode.
     """
     b, steps = gap_returns.shape
-    frozen = None
-    if not learn_macro:
-        model.eval()
-        with torch.no_grad():
-            frozen = model.macro(macro_x)
-    model.train()
-    opt_macro.zero_grad(set_to_none=True)
-    opt_rest.zero_grad(set_to_none=True)
+    frozen = None if learn_macro else _frozen_macro(model, macro_x)
+    _begin_step(model, opt_macro, opt_rest)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(dropout_seed)
         macro_emb = model.macro(macro_x) if learn_macro else frozen
@@ -620,6 +614,20 @@ class StepStats:
     grad_norm_macro: float  # 0 when MacroNet did not learn
     grad_norm_rest: float
     p_change: float = float("nan")  # mean probability of an action that moves the position (train mode)
+
+
+def _frozen_macro(model: PolicyNet, macro_x: torch.Tensor) -> torch.Tensor:
+    """MacroNet's embedding (rows, 128) without autograd, in eval mode: MacroNet is not learning this step."""
+    model.eval()
+    with torch.no_grad():
+        return model.macro(macro_x)
+
+
+def _begin_step(model: PolicyNet, opt_macro: torch.optim.Adam, opt_rest: torch.optim.Adam) -> None:
+    """Train mode (dropout on) and cleared gradients, before an update's forward and backward passes."""
+    model.train()
+    opt_macro.zero_grad(set_to_none=True)
+    opt_rest.zero_grad(set_to_none=True)
 
 
 def policy_gradient_step(
@@ -659,12 +667,8 @@ def policy_gradient_step(
     if use_floor and change_table is None:
         raise ValueError("a trade floor needs the change_table of the position mode")
     if frozen_macro_emb is None and not learn_macro:
-        model.eval()
-        with torch.no_grad():
-            frozen_macro_emb = model.macro(macro_x)
-    model.train()
-    opt_macro.zero_grad(set_to_none=True)
-    opt_rest.zero_grad(set_to_none=True)
+        frozen_macro_emb = _frozen_macro(model, macro_x)
+    _begin_step(model, opt_macro, opt_rest)
     loss_sum, entropy_sum, change_sum = 0.0, 0.0, 0.0
     # Dropout masks come from a generator keyed by the caller's seed: a resumed run draws the same masks as
     # an uninterrupted one, and the caller's global RNG is left as it was.

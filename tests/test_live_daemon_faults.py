@@ -31,6 +31,7 @@ import torch
 
 from bot.commands import run as runner
 from bot.commands.status import collect_status
+from bot.daemon import service
 from bot.daemon.feed import last_closed_open_ms
 from bot.daemon.market import ExchangeMarketData
 from bot.daemon.state import StateStore, open_state_readonly
@@ -659,7 +660,7 @@ def run_once(settings: Settings, fake: FakeExchange) -> int:
     clock = FakeClock(fake)
     client = ExchangeClient(fake, sleep=clock.sleep)
     return runner.run_realtime(
-        settings, once=True, greedy=False, stop=runner.StopSignal(), client=client, clock=clock, env_file=None
+        settings, once=True, greedy=False, stop=service.StopSignal(), client=client, clock=clock, env_file=None
     )
 
 
@@ -710,7 +711,7 @@ def test_authentication_error_on_a_private_read_stops_the_scheduler_with_77(
     # The start reads the balance twice (opening ledger, balance check); the tick's pre-flight read is the 3rd.
     fake.fail_next("fetch_balance", "invalid_key_after_auth", times=2, after=2)
     clock = SteppingClock(fake)
-    stop = runner.StopSignal().install()
+    stop = service.StopSignal().install()
     try:
         rc = runner.run_realtime(
             settings,

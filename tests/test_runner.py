@@ -22,6 +22,7 @@ import pytest
 
 from bot.cli import main as cli_main
 from bot.commands import run as runner
+from bot.daemon import service
 from bot.exchange.client import ExchangeClient
 from bot.settings import load_settings
 from strategies.candles import CANDLE_MS, parse_utc_date_ms
@@ -284,7 +285,7 @@ def test_scheduled_paper_daemon_stops_cleanly_on_sigterm_mid_tick(
         in_tick.wait(60)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    stop = runner.StopSignal().install()
+    stop = service.StopSignal().install()
     killer = threading.Thread(target=send_sigterm, daemon=True)
     killer.start()
     Daemon._tick_in_tx = slow_third  # type: ignore[method-assign]
@@ -315,11 +316,11 @@ def test_scheduled_paper_daemon_stops_cleanly_on_sigterm_mid_tick(
 
 def test_scheduler_configuration() -> None:
     settings = load_settings({"RITMO_TICK_DELAY_S": "7", "RITMO_MISFIRE_GRACE_S": "90"}, env_file=None)
-    trigger = runner.make_trigger(settings)
+    trigger = service.make_trigger(settings)
     fields = {f.name: str(f) for f in trigger.fields}
     assert fields["minute"] == "*/5" and fields["second"] == "7"
     assert str(trigger.timezone) == "UTC"
-    scheduler = runner.make_scheduler(settings)
+    scheduler = service.make_scheduler(settings)
     assert str(scheduler.timezone) == "UTC"
     assert scheduler._job_defaults == {"coalesce": True, "max_instances": 1, "misfire_grace_time": 90}
 
@@ -342,7 +343,7 @@ def test_once_against_the_fake_exchange_logs_json_without_secrets(
     fake.apiKey, fake.secret = KEY, SECRET
     clock = SteppingClock(fake)
     client = ExchangeClient(fake, sleep=clock.sleep)
-    rc = runner.run_realtime(settings, once=True, greedy=False, stop=runner.StopSignal(), client=client, clock=clock)
+    rc = runner.run_realtime(settings, once=True, greedy=False, stop=service.StopSignal(), client=client, clock=clock)
     assert rc == 0
     events = [json.loads(line) for line in out.getvalue().splitlines()]
     ticks = [e for e in events if e["event"] == "tick"]
@@ -364,7 +365,7 @@ def test_once_against_the_fake_exchange_logs_json_without_secrets(
     assert KEY not in out.getvalue() and SECRET not in out.getvalue()
     assert notify_socket.messages() == ["READY=1", "WATCHDOG=1", "STOPPING=1"]
     # A second --once on the same candle does nothing (idempotent).
-    rc = runner.run_realtime(settings, once=True, greedy=False, stop=runner.StopSignal(), client=client, clock=clock)
+    rc = runner.run_realtime(settings, once=True, greedy=False, stop=service.StopSignal(), client=client, clock=clock)
     assert rc == 0 and "once_nothing_to_do" in out.getvalue()
     assert_secrets_absent((KEY, SECRET), out.getvalue(), tmp_path)
 

@@ -1,9 +1,11 @@
-"""Order execution behind one seam: the `Broker` protocol; `PaperBroker` (bot/brokers/paper.py) and `LiveBroker`
-(bot/brokers/live.py) implement it.
+"""Order execution behind one seam: the `Broker` base class; `PaperBroker` (bot/brokers/paper.py) and `LiveBroker`
+(bot/brokers/live.py, and its `FuturesBroker`) implement it.
 
 Flow of one decision (the daemon calls this inside the tick's transaction):
   decision + target position + reference price
-    -> broker sizes the order with the shared accounting (`strategies.accounting.rebalance`)
+    -> `Broker.execute`: nothing to do when the ledger is already there; else the reference price is checked,
+       the client order id named, and the broker's `_trade` called with that `TradeRequest`, which
+    -> sizes the order with the shared accounting (`strategies.accounting.rebalance`)
     -> applies the market's amount step, minimum amount and minimum notional (as the exchange would)
     -> records an `OrderIntent` through the `OrderJournal` (the state store) BEFORE executing it
     -> executes (paper: simulated at the reference price with slippage and commission)
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -79,32 +82,6 @@ def checked_ref_price(ref_price: float) -> float:
     if not (price > 0 and math.isfinite(price)):
         raise ValueError(f"reference price must be positive, got {ref_price!r}")
     return price
-
-
-def reject_before_send(
-    journal: OrderJournal,
-    symbol: str,
-    decision: Decision,
-    coid: str,
-    target_position: int,
-    ref_price: float,
-    qty: float,
-    side: Side,
-    reason: str,
-) -> ExecutionResult:
-    """Record the intent of an order refused before it was sent; `rejected` (the daemon records the status)."""
-    intent = OrderIntent(coid, symbol, decision.ts_ms, side, qty, ref_price, target_position, decision.reason)
-    journal.record_intent(intent)
-    log.warning(
-        "order_rejected",
-        client_order_id=coid,
-        side=side,
-        qty_base=qty,
-        ref_price=ref_price,
-        target_position=target_position,
-        reason=reason,
-    )
-    return ExecutionResult("rejected", intent, (), reason, ref_price)
 
 
 def capped_target(
@@ -179,10 +156,28 @@ class OrderJournal(Protocol):
         ...
 
 
-class Broker(Protocol):
-    """Executes a decision's target position and books it in the ledger."""
+@dataclass(frozen=True)
+class TradeRequest:
+    """A decision to move the ledger to `target_position` (not its current one), at a checked reference price,
+    under the client order id its order will carry."""
 
-    balance_check_each_tick: bool
+    decision: Decision
+    target_position: int
+    ref_price: float
+    ref_source: str
+    coid: str
+
+    def nothing(self) -> ExecutionResult:
+        """The result of a position change that moves no quantity."""
+        return ExecutionResult("none", ref_price=self.ref_price, ref_source=self.ref_source)
+
+
+class Broker(ABC):
+    """Executes a decision's target position and books it in the ledger (paper, live, futures)."""
+
+    symbol: str
+    max_position_quote: float | None
+    balance_check_each_tick: bool = False
     """True: the daemon calls check_balances every tick, not only at start (futures: funding moves the wallet)."""
 
     def execute(
@@ -196,24 +191,52 @@ class Broker(Protocol):
         ref_source: str = "",
     ) -> ExecutionResult:
         """Trade the ledger to `target_position`; mutates `ledger` by the fills it books."""
-        ...
+        if target_position == ledger.position:
+            return ExecutionResult("none", ref_price=ref_price, ref_source=ref_source)
+        coid = client_order_id(self.symbol, decision.ts_ms, decision.order_action)
+        request = TradeRequest(decision, target_position, checked_ref_price(ref_price), ref_source, coid)
+        return self._trade(request, ledger, journal)
 
+    @abstractmethod
+    def _trade(self, req: TradeRequest, ledger: Ledger, journal: OrderJournal) -> ExecutionResult:
+        """Size, check, record the intent of and execute one position change; book its fills in `ledger`."""
+
+    def _capped_target(self, req: TradeRequest, ledger: Ledger) -> float | int | None:
+        """The request's target as a fraction of equity under the notional cap (see `capped_target`)."""
+        return capped_target(ledger, req.target_position, req.ref_price, self.max_position_quote)
+
+    def _reject(self, req: TradeRequest, journal: OrderJournal, qty: float, side: Side, reason: str) -> ExecutionResult:
+        """Record the intent of an order refused before it was sent; `rejected` (the daemon records the status)."""
+        d = req.decision
+        intent = OrderIntent(req.coid, self.symbol, d.ts_ms, side, qty, req.ref_price, req.target_position, d.reason)
+        journal.record_intent(intent)
+        log.warning(
+            "order_rejected",
+            client_order_id=req.coid,
+            side=side,
+            qty_base=qty,
+            ref_price=req.ref_price,
+            target_position=req.target_position,
+            reason=reason,
+        )
+        return ExecutionResult("rejected", intent, (), reason, req.ref_price)
+
+    @abstractmethod
     def reconcile(self, journal: OrderJournal, pending: list[dict[str, Any]], ledger: Ledger) -> None:
         """Resolve orders left `intent`/`sent`/`unknown` by a crash (live looks them up on the exchange)."""
-        ...
 
+    @abstractmethod
     def note_close(self, close: float) -> None:
         """The decision candle's close, given every tick before `execute` (live: the fat-finger anchor)."""
-        ...
 
+    @abstractmethod
     def opening_ledger(self, initial_cash: float) -> tuple[Ledger, float]:
         """A new state's ledger and its equity in quote (paper: `initial_cash`; live: the exchange's balances)."""
-        ...
 
+    @abstractmethod
     def check_balances(self, ledger: Ledger) -> dict[str, Any] | None:
         """Compare with the exchange's balances and adopt them (live); None when there is nothing to check."""
-        ...
 
+    @abstractmethod
     def status(self) -> dict[str, Any] | None:
         """JSON-able broker state for `ritmo status` (live: the circuit breaker), or None."""
-        ...

@@ -39,16 +39,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from bot.brokers.base import (
-    Decision,
-    ExecutionResult,
-    OrderIntent,
-    OrderJournal,
-    capped_target,
-    checked_ref_price,
-    client_order_id,
-    reject_before_send,
-)
+from bot.brokers.base import Broker, Decision, ExecutionResult, OrderIntent, OrderJournal, TradeRequest
 from bot.clock import wall_ms
 from bot.errors import (
     AuthenticationExchangeError,
@@ -99,7 +90,7 @@ def _base_quote(symbol: str) -> tuple[str, str]:
     return base, quote
 
 
-class LiveBroker:
+class LiveBroker(Broker):
     """Executes decisions as market orders on the exchange; never sends an order twice."""
 
     # Spot balances move only by ritmo's own fills (booked) or by a human (adopted at the next start).
@@ -225,36 +216,23 @@ class LiveBroker:
 
     # --- execute -------------------------------------------------------------------------------
 
-    def execute(
-        self,
-        decision: Decision,
-        target_position: int,
-        ledger: Ledger,
-        ref_price: float,
-        journal: OrderJournal,
-        *,
-        ref_source: str = "",
-    ) -> ExecutionResult:
+    def _trade(self, req: TradeRequest, ledger: Ledger, journal: OrderJournal) -> ExecutionResult:
         """Trade the ledger to `target_position` with one market order; mutates `ledger` by the fills it books."""
-        if target_position == ledger.position:
-            return ExecutionResult("none", ref_price=ref_price, ref_source=ref_source)
-        ref_price = checked_ref_price(ref_price)
+        decision, target_position, coid = req.decision, req.target_position, req.coid
+        ref_price, ref_source = req.ref_price, req.ref_source
         if self.position_mode == "long_only" and target_position < 0:
             raise ValueError("long_only: a spot account cannot go short")
         if self.breaker.is_open:
             return self._paused(decision, ref_price, ref_source, "circuit breaker open")
-        coid = client_order_id(self.symbol, decision.ts_ms, decision.order_action)
 
         # --- size (the shared accounting, as PaperBroker) ----------------------------------------
-        target = capped_target(ledger, target_position, ref_price, self.max_position_quote)
+        target = self._capped_target(req, ledger)
         if target is None:
-            return reject_before_send(
-                journal, self.symbol, decision, coid, target_position, ref_price, 0.0, "buy", "equity is not positive"
-            )
+            return self._reject(req, journal, 0.0, "buy", "equity is not positive")
         _, _, _, traded, _ = rebalance(ledger.cash_quote, ledger.qty_base, target, ref_price, self.commission, 0.0)
         if traded == 0:
             ledger.position = target_position
-            return ExecutionResult("none", ref_price=ref_price, ref_source=ref_source)
+            return req.nothing()
         if target_position == 0 and abs(ledger.qty_base) * ref_price < self._dust_quote():
             # Below the minimum notional a holding cannot be sold: it is dust, and the position is flat already
             # (otherwise a halt or a SELL would be refused again on every tick).
@@ -271,17 +249,13 @@ class LiveBroker:
         params = self._order_params(side, qty, ledger)
         reason = self._rules_problem(qty, ref_price, params)
         if reason is not None:
-            return reject_before_send(
-                journal, self.symbol, decision, coid, target_position, ref_price, qty, side, reason
-            )
+            return self._reject(req, journal, qty, side, reason)
         refusal = self._fat_finger(side, qty, ref_price, ledger)
         if refusal is not None:
             log.error(
                 "order_refused", client_order_id=coid, side=side, qty_base=qty, ref_price=ref_price, reason=refusal
             )
-            return reject_before_send(
-                journal, self.symbol, decision, coid, target_position, ref_price, qty, side, f"refused: {refusal}"
-            )
+            return self._reject(req, journal, qty, side, f"refused: {refusal}")
 
         # --- intent durable, then sent durable, then the one send -------------------------------
         intent = OrderIntent(coid, self.symbol, decision.ts_ms, side, qty, ref_price, target_position, decision.reason)

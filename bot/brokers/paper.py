@@ -7,26 +7,15 @@ from typing import Any
 
 import structlog
 
-from bot.brokers.base import (
-    Decision,
-    ExecutionResult,
-    OrderIntent,
-    OrderJournal,
-    capped_target,
-    checked_ref_price,
-    client_order_id,
-    reject_before_send,
-)
+from bot.brokers.base import Broker, ExecutionResult, OrderIntent, OrderJournal, TradeRequest
 from bot.exchange.rules import MarketRules
 from strategies.accounting import Ledger, Side, rebalance
 
 log = structlog.get_logger(__name__)
 
 
-class PaperBroker:
+class PaperBroker(Broker):
     """Simulated execution at a reference price with slippage and commission, under the market's rules."""
-
-    balance_check_each_tick = False
 
     def __init__(
         self,
@@ -47,47 +36,31 @@ class PaperBroker:
         self.rules = rules
         self.max_position_quote = max_position_quote
 
-    def execute(
-        self,
-        decision: Decision,
-        target_position: int,
-        ledger: Ledger,
-        ref_price: float,
-        journal: OrderJournal,
-        *,
-        ref_source: str = "",
-    ) -> ExecutionResult:
+    def _trade(self, req: TradeRequest, ledger: Ledger, journal: OrderJournal) -> ExecutionResult:
         """Size with `rebalance`, apply the market rules, record the intent, book the fill."""
-        if target_position == ledger.position:
-            return ExecutionResult("none", ref_price=ref_price, ref_source=ref_source)
-        ref_price = checked_ref_price(ref_price)
-        coid = client_order_id(self.symbol, decision.ts_ms, decision.order_action)
-        target = capped_target(ledger, target_position, ref_price, self.max_position_quote)
+        target = self._capped_target(req, ledger)
         if target is None:
-            return reject_before_send(
-                journal, self.symbol, decision, coid, target_position, ref_price, 0.0, "buy", "equity is not positive"
-            )
+            return self._reject(req, journal, 0.0, "buy", "equity is not positive")
         _, _, fee_quote, traded, fill_price = rebalance(
-            ledger.cash_quote, ledger.qty_base, target, ref_price, self.commission, self.slippage_bps
+            ledger.cash_quote, ledger.qty_base, target, req.ref_price, self.commission, self.slippage_bps
         )
         if traded == 0:
             # A position-state change with nothing to move (as Ledger.apply_action does).
-            ledger.position = target_position
-            return ExecutionResult("none", ref_price=ref_price, ref_source=ref_source)
+            ledger.position = req.target_position
+            return req.nothing()
         side: Side = "buy" if traded > 0 else "sell"
         qty = abs(traded)
         if self.rules is not None:
             qty = self.rules.floor_amount(qty)
             reason = self.rules.check(qty, fill_price)
             if reason is not None:
-                return reject_before_send(
-                    journal, self.symbol, decision, coid, target_position, ref_price, qty, side, reason
-                )
+                return self._reject(req, journal, qty, side, reason)
             fee_quote = self.commission * qty * fill_price
-        intent = OrderIntent(coid, self.symbol, decision.ts_ms, side, qty, ref_price, target_position, decision.reason)
+        d = req.decision
+        intent = OrderIntent(req.coid, self.symbol, d.ts_ms, side, qty, req.ref_price, req.target_position, d.reason)
         journal.record_intent(intent)
-        fill = ledger.apply_fill(side, qty, fill_price, fee_quote, target_position)
-        return ExecutionResult("filled", intent, (fill,), ref_price=ref_price, ref_source=ref_source)
+        fill = ledger.apply_fill(side, qty, fill_price, fee_quote, req.target_position)
+        return ExecutionResult("filled", intent, (fill,), ref_price=req.ref_price, ref_source=req.ref_source)
 
     def note_close(self, close: float) -> None:
         """Paper fills at the reference price it is given: nothing to anchor."""

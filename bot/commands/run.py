@@ -8,12 +8,9 @@ trigger `minute=*/5, second=RITMO_TICK_DELAY_S`, coalesce, one instance, explici
 The first tick is the next scheduled one: a decision taken minutes after its candle closed would fill at a
 price the policy never saw. `--once` ticks immediately on the newest closed candle and exits.
 
-Threads and signals: the tick runs in the scheduler's single worker thread, which blocks SIGTERM/SIGINT so
-the kernel delivers them to the main thread. The handler (main thread) sets the stop flag and calls
-`scheduler.shutdown(wait=False)`; `start()` then returns in the main thread, which waits for the tick in
-flight (the tick lock), sends STOPPING=1, closes the state and exits 0. A tick that fails is logged
-(`tick_failed`) and retried at the next candle; three failures in a row, or an authentication error
-(exit 77), stop the daemon so systemd can restart it or a human can look.
+This module wires: settings, components (`build_daemon`), the live broker factory. The loops, signals and
+the watchdog are in bot/daemon/service.py; on a stop the state is closed and the process exits 0 (or the
+code of what stopped it).
 
 Replay: the same `Daemon.tick` over a candle file with a simulated clock at now = F, F+5m, ..., T-5m (the
 first decision is on the candle closing at F, as `ritmo backtest --from F --to T`), paper fills at the next
@@ -25,16 +22,11 @@ after the last recorded decision, so a killed replay ends exactly like an uninte
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
+import functools
 import logging
-import math
-import os
-import signal
-import threading
 import time
 from collections.abc import Callable
-from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,8 +39,9 @@ from bot.clock import wall_ms
 from bot.daemon.feed import CandleFeed
 from bot.daemon.learner import LearningGuard, OnlineLearner, load_model
 from bot.daemon.market import ExchangeClock, ExchangeMarketData, MarketData, ReplayMarketData, SimClock
+from bot.daemon.service import StopSignal, replay_ticks, run_scheduled, single_threaded_torch
 from bot.daemon.state import StateStore, open_state
-from bot.errors import AuthenticationExchangeError, ConfigError, RitmoError
+from bot.errors import ConfigError, RitmoError
 from bot.exchange.rules import MarketRules
 from bot.logs import configure_logging
 from bot.settings import Settings, load_settings, state_db_path, validate_live
@@ -60,15 +53,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-# Consecutive failed ticks after which the daemon stops (exit 1; systemd restarts it after RestartSec).
-MAX_TICK_FAILURES = 3
 # Feed retries of a missing latest candle, and the pause between them (real time).
 FEED_RETRIES = 3
 FEED_RETRY_DELAY_S = 2.0
-# A replay pings systemd's watchdog at most this often (its ticks run hundreds of times a second).
-REPLAY_WATCHDOG_EVERY_S = 1.0
-
-
 class ReplayError(RitmoError):
     """The replay cannot run as asked (period outside the file, not enough warm-up)."""
 
@@ -231,63 +218,44 @@ def build_daemon(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Signals.
+# Replay: period -> market -> daemon -> start -> ticks (bot.daemon.service) -> end.
 # ---------------------------------------------------------------------------------------------------
 
 
-class StopSignal:
-    """SIGTERM/SIGINT -> a stop flag (and a callback run in the main thread, e.g. the scheduler's shutdown)."""
+@dataclasses.dataclass(frozen=True)
+class ReplayPlan:
+    """What a replay is asked to do: the file, [from_ms, to_ms) and the speed (None: as fast as possible)."""
 
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.signum: int | None = None
-        self.on_stop: Callable[[], None] | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> StopSignal:
-        """Install the handlers (main thread only)."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def restore(self) -> None:
-        """Put the previous handlers back."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        # Runs in the main thread between two bytecodes: only set flags and call the callback.
-        self.signum = signum
-        self.event.set()
-        if self.on_stop is not None:
-            self.on_stop()
-
-    def is_set(self) -> bool:
-        """Whether a stop was requested."""
-        return self.event.is_set()
-
-
-def _block_stop_signals() -> None:
-    """Worker-thread initializer: leave SIGTERM/SIGINT to the main thread (which handles them at once)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-
-
-def _request_stop_from_worker() -> None:
-    """Stop the daemon from a worker thread: the process signal is delivered to (and handled by) the main thread."""
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Replay.
-# ---------------------------------------------------------------------------------------------------
+    path: Path
+    from_ms: int
+    to_ms: int
+    speed: float | None
 
 
 def run_replay(settings: Settings, args: argparse.Namespace, stop: StopSignal) -> int:
     """Replay a candle file over [--from, --to) with the daemon's own tick."""
-    from bot.files.candles import load_candles
-    from strategies.bundle import history_needed
+    plan = replay_plan(args)
+    market = _replay_market(plan, settings.symbol)
+    clock = SimClock(plan.from_ms)
+    check_seed = functools.partial(_check_replay_seed, settings.seed)
+    comps = build_daemon(settings, market, sleep=clock.sleep, rules=None, greedy=args.greedy, before_start=check_seed)
+    try:
+        start_ms = _start_replay(comps, market, plan, settings)
+        notify.notify_ready()
+        wall0 = time.perf_counter()
+        ticks, next_ms = replay_ticks(comps.daemon, clock, start_ms, plan.to_ms, plan.speed, stop)
+        if stop.is_set() and next_ms < plan.to_ms:
+            log.info("stopped", signal=stop.signum, ticks=ticks, next=iso_utc(next_ms))
+        else:
+            _finish_replay(comps, plan, ticks, time.perf_counter() - wall0)
+        notify.notify_stopping()
+    finally:
+        comps.store.close()
+    return 0
 
+
+def replay_plan(args: argparse.Namespace) -> ReplayPlan:
+    """The replay's file, period and speed from the command line; ReplayError when they are unusable."""
     if not args.date_from or not args.date_to:
         raise ReplayError("--replay needs --from and --to")
     try:
@@ -298,83 +266,73 @@ def run_replay(settings: Settings, args: argparse.Namespace, stop: StopSignal) -
         raise ReplayError("--from and --to must lie on 5-minute boundaries")
     if to_ms <= from_ms:
         raise ReplayError("--to must be after --from")
-    speed = _parse_speed(args.speed)
-    candles = load_candles(args.replay)
-    market = ReplayMarketData(candles, settings.symbol)
-    if to_ms - CANDLE_MS > market.last_ts_ms:
+    return ReplayPlan(Path(args.replay), from_ms, to_ms, _parse_speed(args.speed))
+
+
+def _replay_market(plan: ReplayPlan, symbol: str) -> ReplayMarketData:
+    from bot.files.candles import load_candles
+
+    market = ReplayMarketData(load_candles(plan.path), symbol)
+    if plan.to_ms - CANDLE_MS > market.last_ts_ms:
         raise ReplayError(
-            f"--to {iso_utc(to_ms)} is after the end of {args.replay} "
+            f"--to {iso_utc(plan.to_ms)} is after the end of {plan.path} "
             f"(its last candle closes {iso_utc(market.last_ts_ms + CANDLE_MS)})"
         )
-    clock = SimClock(from_ms)
+    return market
 
-    def check_replay_state(store: StateStore) -> None:
-        seed = store.get_meta("seed")
-        if seed is not None and seed != settings.seed:
-            raise ConfigError(
-                f"the replay state {store.path} was run with seed {seed}: pass --seed {seed} to continue it, "
-                "or use another --state-dir"
-            )
 
-    comps = build_daemon(
-        settings, market, sleep=clock.sleep, rules=None, greedy=args.greedy, before_start=check_replay_state
-    )
-    daemon, store = comps.daemon, comps.store
-    try:
-        history = history_needed(daemon.bundle)
-        if market.rows_before(from_ms) < history:
-            raise ReplayError(
-                f"not enough history before --from {iso_utc(from_ms)} in {args.replay}: the first decision needs "
-                f"{history} candles up to it, the file has {market.rows_before(from_ms)}"
-            )
-        with store.transaction():
-            store.set_meta("replay", {"file": str(args.replay), "from_ms": from_ms, "to_ms": to_ms})
-        last = daemon.mem.last_decision_ts_ms
-        now = from_ms if last is None else max(from_ms, last + 2 * CANDLE_MS)
-        log.info(
-            "replay_start",
-            file=str(args.replay),
-            start=iso_utc(from_ms),
-            end=iso_utc(to_ms),
-            resume_at=iso_utc(now),
-            seed=settings.seed,
-            online_learning=settings.online_learning,
+def _check_replay_seed(seed: int, store: StateStore) -> None:
+    """A replay state continues only with the seed it was run with (its decisions depend on it)."""
+    stored = store.get_meta("seed")
+    if stored is not None and stored != seed:
+        raise ConfigError(
+            f"the replay state {store.path} was run with seed {stored}: pass --seed {stored} to continue it, "
+            "or use another --state-dir"
         )
-        notify.notify_ready()
-        ticks = 0
-        wall0 = time.perf_counter()
-        last_ping = -math.inf
-        while now < to_ms and not stop.is_set():
-            clock.set(now)
-            daemon.tick(now)
-            ticks += 1
-            # Hundreds of ticks a second: ping the watchdog at most once a second, not per tick.
-            if time.monotonic() - last_ping >= REPLAY_WATCHDOG_EVERY_S:
-                notify.notify_watchdog()
-                last_ping = time.monotonic()
-            now += CANDLE_MS
-            if speed is not None:
-                time.sleep(CANDLE_MS / 1000 / speed)
-        if stop.is_set() and now < to_ms:
-            log.info("stopped", signal=stop.signum, ticks=ticks, next=iso_utc(now))
-        else:
-            summary = daemon.mark_end(to_ms)
-            log.info(
-                "replay_done",
-                ticks=ticks,
-                wall_s=round(time.perf_counter() - wall0, 3),
-                equity=summary["equity"],
-                position=summary["position"],
-                n_trades=summary["n_trades"],
-                fees_quote=summary["fees_quote"],
-                k=summary["k"],
-                macro_updates=summary["macro_updates"],
-                updates=store.update_count(),
-            )
-        notify.notify_stopping()
-    finally:
-        store.close()
-    return 0
+
+
+def _start_replay(comps: Components, market: ReplayMarketData, plan: ReplayPlan, settings: Settings) -> int:
+    """Check the warm-up, record the replay in the state; the first tick's time (after the last decision)."""
+    from strategies.bundle import history_needed
+
+    daemon, store = comps.daemon, comps.store
+    history = history_needed(daemon.bundle)
+    if market.rows_before(plan.from_ms) < history:
+        raise ReplayError(
+            f"not enough history before --from {iso_utc(plan.from_ms)} in {plan.path}: the first decision needs "
+            f"{history} candles up to it, the file has {market.rows_before(plan.from_ms)}"
+        )
+    with store.transaction():
+        store.set_meta("replay", {"file": str(plan.path), "from_ms": plan.from_ms, "to_ms": plan.to_ms})
+    last = daemon.mem.last_decision_ts_ms
+    start_ms = plan.from_ms if last is None else max(plan.from_ms, last + 2 * CANDLE_MS)
+    log.info(
+        "replay_start",
+        file=str(plan.path),
+        start=iso_utc(plan.from_ms),
+        end=iso_utc(plan.to_ms),
+        resume_at=iso_utc(start_ms),
+        seed=settings.seed,
+        online_learning=settings.online_learning,
+    )
+    return start_ms
+
+
+def _finish_replay(comps: Components, plan: ReplayPlan, ticks: int, wall_s: float) -> None:
+    """Mark the ledger at the end of the period and log the replay's summary."""
+    summary = comps.daemon.mark_end(plan.to_ms)
+    log.info(
+        "replay_done",
+        ticks=ticks,
+        wall_s=round(wall_s, 3),
+        equity=summary["equity"],
+        position=summary["position"],
+        n_trades=summary["n_trades"],
+        fees_quote=summary["fees_quote"],
+        k=summary["k"],
+        macro_updates=summary["macro_updates"],
+        updates=comps.store.update_count(),
+    )
 
 
 def _parse_speed(text: str) -> float | None:
@@ -392,26 +350,6 @@ def _parse_speed(text: str) -> float | None:
 # ---------------------------------------------------------------------------------------------------
 # Real time (paper).
 # ---------------------------------------------------------------------------------------------------
-
-
-def make_trigger(settings: Settings) -> Any:
-    """Cron trigger a few seconds after every 5-minute close, in UTC."""
-    from apscheduler.triggers.cron import CronTrigger
-
-    return CronTrigger(minute="*/5", second=settings.tick_delay_s, timezone=UTC)
-
-
-def make_scheduler(settings: Settings) -> Any:
-    """BlockingScheduler in UTC, one worker thread that leaves the stop signals to the main thread."""
-    from apscheduler.executors.pool import ThreadPoolExecutor
-    from apscheduler.schedulers.blocking import BlockingScheduler
-
-    executor = ThreadPoolExecutor(1, pool_kwargs={"initializer": _block_stop_signals})
-    return BlockingScheduler(
-        timezone=UTC,
-        executors={"default": executor},
-        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": settings.misfire_grace_s},
-    )
 
 
 def run_realtime(
@@ -475,7 +413,7 @@ def run_realtime(
                 log.info("once_nothing_to_do", reason="the newest closed candle was decided on already")
             notify.notify_stopping()
             return 0
-        exit_code = _run_scheduler(settings, daemon, clock, stop, trigger, local_ms)
+        exit_code = run_scheduled(settings, daemon, clock, stop, trigger, local_ms)
         notify.notify_stopping()
         log.info("stopped", signal=stop.signum, exit_code=exit_code)
     finally:
@@ -523,98 +461,9 @@ def live_broker_factory(
     return make
 
 
-def _run_scheduler(
-    settings: Settings,
-    daemon: Any,
-    clock: Any,
-    stop: StopSignal,
-    trigger: Any | None,
-    local_ms: Callable[[], int],
-) -> int:
-    scheduler = make_scheduler(settings)
-    tick_lock = threading.Lock()
-    state = {"failures": 0, "exit_code": 0}
-
-    def job() -> None:
-        with tick_lock:
-            if stop.is_set():
-                return
-            try:
-                outcome = daemon.tick(_tick_now(clock, local_ms))
-                state["failures"] = 0
-            except AuthenticationExchangeError as exc:
-                log.error("tick_failed", error=str(exc), action="stopping: check the API key and its permissions")
-                state["exit_code"] = exc.exit_code
-                _request_stop_from_worker()
-                return
-            except Exception as exc:
-                state["failures"] += 1
-                log.exception("tick_failed", error=str(exc), consecutive=state["failures"])
-                if state["failures"] >= MAX_TICK_FAILURES:
-                    state["exit_code"] = exc.exit_code if isinstance(exc, RitmoError) else 1
-                    _request_stop_from_worker()
-                return
-            notify.notify_watchdog()
-            if outcome is not None:
-                notify.notify_status(daemon.status_line(outcome))
-
-    def check_stop_at_start() -> None:
-        # A signal that arrived between installing the handler and start() found no scheduler to shut down.
-        if stop.is_set():
-            _request_stop_from_worker()
-
-    def shutdown() -> None:
-        from apscheduler.schedulers import SchedulerNotRunningError
-
-        with contextlib.suppress(SchedulerNotRunningError):
-            scheduler.shutdown(wait=False)
-
-    scheduler.add_job(
-        job,
-        trigger or make_trigger(settings),
-        id="tick",
-        coalesce=True,
-        max_instances=1,
-        misfire_grace_time=settings.misfire_grace_s,
-    )
-    scheduler.add_job(check_stop_at_start, id="check_stop")
-    stop.on_stop = shutdown
-    if not stop.is_set():
-        log.info("scheduler_start", tick_delay_s=settings.tick_delay_s, misfire_grace_s=settings.misfire_grace_s)
-        scheduler.start()
-    # Back in the main thread: let the tick in flight finish (and its state commit) before leaving.
-    with tick_lock:
-        pass
-    return int(state["exit_code"])
-
-
-def _tick_now(clock: Any, local_ms: Callable[[], int]) -> int:
-    """Exchange time for a scheduled tick; waits briefly if the exchange's clock is behind the local boundary."""
-    now = clock.now_ms()
-    boundary = (local_ms() // CANDLE_MS) * CANDLE_MS
-    behind_ms = boundary + 1000 - now
-    if 0 < behind_ms <= 60_000:
-        # The local clock says the candle closed but the exchange's does not yet: wait for the exchange.
-        clock.sleep(behind_ms / 1000)
-        now = clock.now_ms()
-    return now
-
-
 # ---------------------------------------------------------------------------------------------------
 # Entry point.
 # ---------------------------------------------------------------------------------------------------
-
-
-def single_threaded_torch() -> None:
-    """One intra-op thread for torch in the daemon.
-
-    Its work is one 1-row forward per tick and one 288-row update per day: too small to split, and torch's
-    OpenMP workers spin between ops, fighting the feature code (numpy/pandas) for the cores. Measured on 2
-    busy cores: a 1-row forward took ~33 ms with 2 threads and ~0.9 ms with 1.
-    """
-    import torch
-
-    torch.set_num_threads(1)
 
 
 def main(args: argparse.Namespace) -> int:

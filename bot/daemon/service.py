@@ -1,0 +1,215 @@
+"""Running an assembled daemon: the replay's tick loop, the scheduler's (a tick a few seconds after every
+5-minute close), the stop signals and systemd's watchdog (docs/design.md §8).
+
+Threads and signals: the tick runs in the scheduler's single worker thread, which blocks SIGTERM/SIGINT so
+the kernel delivers them to the main thread. The handler (main thread) sets the stop flag and calls
+`scheduler.shutdown(wait=False)`; `start()` then returns in the main thread, which waits for the tick in
+flight (the tick lock) before the caller closes the state. A tick that fails is logged (`tick_failed`) and
+retried at the next candle; three failures in a row, or an authentication error (exit 77), stop the daemon
+so systemd can restart it or a human can look.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from bot import notify
+from bot.errors import AuthenticationExchangeError, RitmoError
+from bot.settings import Settings
+from strategies.candles import CANDLE_MS
+
+if TYPE_CHECKING:
+    from bot.daemon.market import SimClock
+    from bot.daemon.tick import Daemon
+
+log = structlog.get_logger(__name__)
+
+# Consecutive failed ticks after which the daemon stops (exit 1; systemd restarts it after RestartSec).
+MAX_TICK_FAILURES = 3
+
+
+# A replay pings systemd's watchdog at most this often (its ticks run hundreds of times a second).
+REPLAY_WATCHDOG_EVERY_S = 1.0
+
+
+class StopSignal:
+    """SIGTERM/SIGINT -> a stop flag (and a callback run in the main thread, e.g. the scheduler's shutdown)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signum: int | None = None
+        self.on_stop: Callable[[], None] | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopSignal:
+        """Install the handlers (main thread only)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        """Put the previous handlers back."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        # Runs in the main thread between two bytecodes: only set flags and call the callback.
+        self.signum = signum
+        self.event.set()
+        if self.on_stop is not None:
+            self.on_stop()
+
+    def is_set(self) -> bool:
+        """Whether a stop was requested."""
+        return self.event.is_set()
+
+
+def _block_stop_signals() -> None:
+    """Worker-thread initializer: leave SIGTERM/SIGINT to the main thread (which handles them at once)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+
+
+def _request_stop_from_worker() -> None:
+    """Stop the daemon from a worker thread: the process signal is delivered to (and handled by) the main thread."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def make_trigger(settings: Settings) -> Any:
+    """Cron trigger a few seconds after every 5-minute close, in UTC."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    return CronTrigger(minute="*/5", second=settings.tick_delay_s, timezone=UTC)
+
+
+def make_scheduler(settings: Settings) -> Any:
+    """BlockingScheduler in UTC, one worker thread that leaves the stop signals to the main thread."""
+    from apscheduler.executors.pool import ThreadPoolExecutor
+    from apscheduler.schedulers.blocking import BlockingScheduler
+
+    executor = ThreadPoolExecutor(1, pool_kwargs={"initializer": _block_stop_signals})
+    return BlockingScheduler(
+        timezone=UTC,
+        executors={"default": executor},
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": settings.misfire_grace_s},
+    )
+
+
+def run_scheduled(
+    settings: Settings,
+    daemon: Daemon,
+    clock: Any,
+    stop: StopSignal,
+    trigger: Any | None,
+    local_ms: Callable[[], int],
+) -> int:
+    scheduler = make_scheduler(settings)
+    tick_lock = threading.Lock()
+    state = {"failures": 0, "exit_code": 0}
+
+    def job() -> None:
+        with tick_lock:
+            if stop.is_set():
+                return
+            try:
+                outcome = daemon.tick(_tick_now(clock, local_ms))
+                state["failures"] = 0
+            except AuthenticationExchangeError as exc:
+                log.error("tick_failed", error=str(exc), action="stopping: check the API key and its permissions")
+                state["exit_code"] = exc.exit_code
+                _request_stop_from_worker()
+                return
+            except Exception as exc:
+                state["failures"] += 1
+                log.exception("tick_failed", error=str(exc), consecutive=state["failures"])
+                if state["failures"] >= MAX_TICK_FAILURES:
+                    state["exit_code"] = exc.exit_code if isinstance(exc, RitmoError) else 1
+                    _request_stop_from_worker()
+                return
+            notify.notify_watchdog()
+            if outcome is not None:
+                notify.notify_status(daemon.status_line(outcome))
+
+    def check_stop_at_start() -> None:
+        # A signal that arrived between installing the handler and start() found no scheduler to shut down.
+        if stop.is_set():
+            _request_stop_from_worker()
+
+    def shutdown() -> None:
+        from apscheduler.schedulers import SchedulerNotRunningError
+
+        with contextlib.suppress(SchedulerNotRunningError):
+            scheduler.shutdown(wait=False)
+
+    scheduler.add_job(
+        job,
+        trigger or make_trigger(settings),
+        id="tick",
+        coalesce=True,
+        max_instances=1,
+        misfire_grace_time=settings.misfire_grace_s,
+    )
+    scheduler.add_job(check_stop_at_start, id="check_stop")
+    stop.on_stop = shutdown
+    if not stop.is_set():
+        log.info("scheduler_start", tick_delay_s=settings.tick_delay_s, misfire_grace_s=settings.misfire_grace_s)
+        scheduler.start()
+    # Back in the main thread: let the tick in flight finish (and its state commit) before leaving.
+    with tick_lock:
+        pass
+    return int(state["exit_code"])
+
+
+def _tick_now(clock: Any, local_ms: Callable[[], int]) -> int:
+    """Exchange time for a scheduled tick; waits briefly if the exchange's clock is behind the local boundary."""
+    now = clock.now_ms()
+    boundary = (local_ms() // CANDLE_MS) * CANDLE_MS
+    behind_ms = boundary + 1000 - now
+    if 0 < behind_ms <= 60_000:
+        # The local clock says the candle closed but the exchange's does not yet: wait for the exchange.
+        clock.sleep(behind_ms / 1000)
+        now = clock.now_ms()
+    return now
+
+
+def single_threaded_torch() -> None:
+    """One intra-op thread for torch in the daemon.
+
+    Its work is one 1-row forward per tick and one 288-row update per day: too small to split, and torch's
+    OpenMP workers spin between ops, fighting the feature code (numpy/pandas) for the cores. Measured on 2
+    busy cores: a 1-row forward took ~33 ms with 2 threads and ~0.9 ms with 1.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def replay_ticks(
+    daemon: Daemon, clock: SimClock, start_ms: int, to_ms: int, speed: float | None, stop: StopSignal
+) -> tuple[int, int]:
+    """Tick at start_ms, +5 min, ... up to to_ms (exclusive) on the simulated clock, until a stop is asked;
+    `speed` slows it to that multiple of real time. Returns (ticks done, the time of the next tick)."""
+    ticks, now = 0, start_ms
+    last_ping = -math.inf
+    while now < to_ms and not stop.is_set():
+        clock.set(now)
+        daemon.tick(now)
+        ticks += 1
+        # Hundreds of ticks a second: ping the watchdog at most once a second, not per tick.
+        if time.monotonic() - last_ping >= REPLAY_WATCHDOG_EVERY_S:
+            notify.notify_watchdog()
+            last_ping = time.monotonic()
+        now += CANDLE_MS
+        if speed is not None:
+            time.sleep(CANDLE_MS / 1000 / speed)
+    return ticks, now
