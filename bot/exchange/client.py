@@ -27,6 +27,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
@@ -303,80 +304,118 @@ def retry_read(
         raise ValueError("attempts must be >= 1")
     if exchange is None:
         exchange = getattr(fn, "__self__", None)
-    secrets = (*secrets, *(secrets_of(exchange) if exchange is not None else ()))
-    op = op or getattr(fn, "__name__", "read")
-    has_resynced = False
-    invalid_key_strikes = 0
+    policy = _ReadRetry(
+        op=op or getattr(fn, "__name__", "read"),
+        attempts=attempts,
+        delays_s=(base_delay_s, max_delay_s, max_retry_after_s),
+        exchange=exchange,
+        secrets=(*secrets, *(secrets_of(exchange) if exchange is not None else ())),
+    )
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except (ccxt.BaseError, ExchangeError) as exc:
-            err = map_ccxt_error(exc, secrets=secrets)
-            if is_invalid_key_error(exc) and not isinstance(err, AuthenticationExchangeError):
-                invalid_key_strikes += 1
-                if invalid_key_strikes >= INVALID_KEY_STRIKES:
-                    log.error("exchange_invalid_key", op=op, strikes=invalid_key_strikes, error=str(err))
-                    raise AuthenticationExchangeError(
-                        f"exchange refused the API key {invalid_key_strikes} times in a row (-2015 invalid "
-                        "API-key, IP, or permissions): check the key, its IP allow-list and its permissions"
-                    ) from None
-            if not isinstance(err, TemporaryExchangeError):
-                # from None: the original exception's text may hold signed URLs; ours is redacted.
-                raise err from None
-            status, retry_after = retry_after_s(exchange, exc)
-            if retry_after is not None and retry_after > max_retry_after_s:
-                log.warning(
-                    "exchange_backoff",
-                    op=op,
-                    attempt=attempt,
-                    status=status,
-                    reason="ip_banned" if status == 418 else "rate_limited",
-                    retry_after_s=retry_after,
-                    gave_up=True,
-                    error=str(err),
-                )
-                out = TemporaryExchangeError(f"{err} (Retry-After {retry_after:g} s is too long to wait in a read)")
-                out.retry_after_s = retry_after  # type: ignore[attr-defined]
-                raise out from None
-            if attempt == attempts:
-                log.warning("exchange_gave_up", op=op, attempts=attempts, error=str(err))
-                out = TemporaryExchangeError(f"{err} (gave up after {attempts} attempts)")
-                out.retry_after_s = retry_after  # type: ignore[attr-defined]
-                raise out from None
-            if isinstance(exc, ccxt.InvalidNonce) and not has_resynced and exchange is not None:
-                has_resynced = True
-                if _resync_time(exchange, op):
-                    continue  # the clock was the problem: retry at once
-            if retry_after is not None or status == 418:
-                # 418 = IP banned for repeating 429s: retrying early lengthens the ban, so never guess short.
-                delay_s = retry_after if retry_after is not None else max_delay_s
-                log.warning(
-                    "exchange_backoff",
-                    op=op,
-                    attempt=attempt,
-                    attempts=attempts,
-                    status=status,
-                    reason="ip_banned" if status == 418 else "rate_limited",
-                    retry_after_s=retry_after,
-                    delay_s=round(delay_s, 3),
-                    error=str(err),
-                )
-                sleep(delay_s)
-                continue
-            # Full jitter (uniform in [0, cap]) spreads retries of many clients; the cap bounds the wait.
-            cap_s = min(max_delay_s, base_delay_s * 2 ** (attempt - 1))
-            delay_s = rng() * cap_s
-            log.warning(
-                "exchange_retry",
-                op=op,
-                attempt=attempt,
-                attempts=attempts,
-                delay_s=round(delay_s, 3),
-                error_class=getattr(err, "ccxt_error", type(err).__name__),
-                error=str(err),
-            )
+            delay_s = policy.after_failure(exc, attempt, rng)
+        if delay_s is not None:
             sleep(delay_s)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclass
+class _ReadRetry:
+    """One read under `retry_read`: what a failed attempt means, and how long to wait before the next."""
+
+    op: str
+    attempts: int
+    delays_s: tuple[float, float, float]
+    """(base delay, max delay, longest Retry-After waited out)"""
+    exchange: Any
+    secrets: tuple[str, ...]
+    has_resynced: bool = False
+    invalid_key_strikes: int = 0
+
+    def after_failure(self, exc: BaseException, attempt: int, rng: Callable[[], float]) -> float | None:
+        """The wait before the next attempt (None: retry at once), or raise the mapped, redacted error."""
+        err = map_ccxt_error(exc, secrets=self.secrets)
+        self._count_invalid_key(exc, err)
+        if not isinstance(err, TemporaryExchangeError):
+            # from None: the original exception's text may hold signed URLs; ours is redacted.
+            raise err from None
+        status, retry_after = retry_after_s(self.exchange, exc)
+        self._give_up_if_due(err, attempt, status, retry_after)
+        if isinstance(exc, ccxt.InvalidNonce) and not self.has_resynced and self.exchange is not None:
+            self.has_resynced = True
+            if _resync_time(self.exchange, self.op):
+                return None  # the clock was the problem: retry at once
+        if retry_after is not None or status == 418:
+            return self._rate_limited_wait(err, attempt, status, retry_after)
+        # Full jitter (uniform in [0, cap]) spreads retries of many clients; the cap bounds the wait.
+        base_delay_s, max_delay_s, _ = self.delays_s
+        delay_s = rng() * min(max_delay_s, base_delay_s * 2 ** (attempt - 1))
+        log.warning(
+            "exchange_retry",
+            op=self.op,
+            attempt=attempt,
+            attempts=self.attempts,
+            delay_s=round(delay_s, 3),
+            error_class=getattr(err, "ccxt_error", type(err).__name__),
+            error=str(err),
+        )
+        return delay_s
+
+    def _count_invalid_key(self, exc: BaseException, err: ExchangeError) -> None:
+        """A -2015 that ccxt did not call an authentication error: the second of one read is one."""
+        if not is_invalid_key_error(exc) or isinstance(err, AuthenticationExchangeError):
+            return
+        self.invalid_key_strikes += 1
+        if self.invalid_key_strikes >= INVALID_KEY_STRIKES:
+            log.error("exchange_invalid_key", op=self.op, strikes=self.invalid_key_strikes, error=str(err))
+            raise AuthenticationExchangeError(
+                f"exchange refused the API key {self.invalid_key_strikes} times in a row (-2015 invalid "
+                "API-key, IP, or permissions): check the key, its IP allow-list and its permissions"
+            ) from None
+
+    def _give_up_if_due(self, err: ExchangeError, attempt: int, status: int | None, retry_after: float | None) -> None:
+        """Raise TemporaryExchangeError (with `.retry_after_s`) after the last attempt, or at once when the
+        Retry-After is longer than a read may wait (an IP ban of minutes to days)."""
+        if retry_after is not None and retry_after > self.delays_s[2]:
+            log.warning(
+                "exchange_backoff",
+                op=self.op,
+                attempt=attempt,
+                status=status,
+                reason="ip_banned" if status == 418 else "rate_limited",
+                retry_after_s=retry_after,
+                gave_up=True,
+                error=str(err),
+            )
+            out = TemporaryExchangeError(f"{err} (Retry-After {retry_after:g} s is too long to wait in a read)")
+        elif attempt == self.attempts:
+            log.warning("exchange_gave_up", op=self.op, attempts=self.attempts, error=str(err))
+            out = TemporaryExchangeError(f"{err} (gave up after {self.attempts} attempts)")
+        else:
+            return
+        out.retry_after_s = retry_after  # type: ignore[attr-defined]
+        raise out from None
+
+    def _rate_limited_wait(
+        self, err: ExchangeError, attempt: int, status: int | None, retry_after: float | None
+    ) -> float:
+        """Wait the response's Retry-After exactly; a 418 without one waits the max delay."""
+        # 418 = IP banned for repeating 429s: retrying early lengthens the ban, so never guess short.
+        delay_s = retry_after if retry_after is not None else self.delays_s[1]
+        log.warning(
+            "exchange_backoff",
+            op=self.op,
+            attempt=attempt,
+            attempts=self.attempts,
+            status=status,
+            reason="ip_banned" if status == 418 else "rate_limited",
+            retry_after_s=retry_after,
+            delay_s=round(delay_s, 3),
+            error=str(err),
+        )
+        return delay_s
 
 
 def _resync_time(exchange: Any, op: str) -> bool:
