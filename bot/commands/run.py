@@ -39,7 +39,7 @@ from bot.clock import wall_ms
 from bot.daemon.feed import CandleFeed
 from bot.daemon.learner import LearningGuard, OnlineLearner, load_model
 from bot.daemon.market import ExchangeClock, ExchangeMarketData, MarketData, ReplayMarketData, SimClock
-from bot.daemon.service import StopSignal, replay_ticks, run_scheduled, single_threaded_torch
+from bot.daemon.service import StopSignal, announce_ready, replay_ticks, run_scheduled, single_threaded_torch
 from bot.daemon.state import StateStore, open_state
 from bot.errors import ConfigError, RitmoError
 from bot.exchange.rules import MarketRules
@@ -241,7 +241,7 @@ def run_replay(settings: Settings, args: argparse.Namespace, stop: StopSignal) -
     comps = build_daemon(settings, market, sleep=clock.sleep, rules=None, greedy=args.greedy, before_start=check_seed)
     try:
         start_ms = _start_replay(comps, market, plan, settings)
-        notify.notify_ready()
+        announce_ready()
         wall0 = time.perf_counter()
         ticks, next_ms = replay_ticks(comps.daemon, clock, start_ms, plan.to_ms, plan.speed, stop)
         if stop.is_set() and next_ms < plan.to_ms:
@@ -405,7 +405,7 @@ def run_realtime(
             symbol=settings.symbol,
             mode=settings.mode,
         )
-        notify.notify_ready()
+        announce_ready()
         if once:
             outcome = daemon.tick(clock.now_ms())
             notify.notify_watchdog()

@@ -12,6 +12,7 @@ so systemd can restart it or a human can look.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import signal
@@ -213,3 +214,14 @@ def replay_ticks(
         if speed is not None:
             time.sleep(CANDLE_MS / 1000 / speed)
     return ticks, now
+
+
+def announce_ready() -> None:
+    """Start-up is over: freeze what it allocated out of the garbage collector's reach, then READY=1.
+
+    The modules, the model and the warm buffer are hundreds of thousands of long-lived objects; without the
+    freeze every full collection walks them all and stalls the tick it lands on (measured ~120 ms on 2 cores,
+    against a p99 tick of ~8 ms).
+    """
+    gc.freeze()
+    notify.notify_ready()
