@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -109,13 +110,10 @@ def run_backtest(
     open_prices: np.ndarray,
     close_prices: np.ndarray,
     *,
-    mode: str,
-    commission: float,
-    slippage_bps: float = 0.0,
     greedy: bool = False,
     seed: int = 0,
-    initial_cash: float = 10_000.0,
     decide_every: int = 1,
+    **account: Any,
 ) -> BacktestResult:
     """Run the policy sequentially over one period.
 
@@ -124,6 +122,7 @@ def run_backtest(
     ts_ms, open_prices, close_prices: (n,) the period candles i0 .. i1-1.
     The decision's uniform number is keyed by the open time of the candle it is taken on (ts_ms[k] - 5 min).
     decide_every = K: only candles that `is_decision_candle` names decide; the others keep the position (HOLD).
+    account: mode, commission, slippage_bps, initial_cash, passed to `run_actions` as it takes them.
     """
     n = int(ts_ms.shape[0])
     if not (probs.shape[0] == n == open_prices.shape[0] == close_prices.shape[0]):
@@ -140,16 +139,7 @@ def run_backtest(
         actions = (u[:, None, None] >= cdf[:, :, :2]).sum(axis=2)
     if decide_every > 1:
         actions = np.where(np.asarray(is_decision_candle(decision_ts, decide_every))[:, None], actions, HOLD)
-    return run_actions(
-        actions,
-        ts_ms,
-        open_prices,
-        close_prices,
-        mode=mode,
-        commission=commission,
-        slippage_bps=slippage_bps,
-        initial_cash=initial_cash,
-    )
+    return run_actions(actions, ts_ms, open_prices, close_prices, **account)
 
 
 def run_actions(

@@ -16,19 +16,7 @@ from typing import Any
 import pandas as pd
 import structlog
 
-from bot.offline.walk_forward import (
-    DEFAULT_COSTS,
-    EvaluateError,
-    _load,
-    baseline_figures,
-    config_hash,
-    count_trials,
-    make_folds,
-    parse_fold_spec,
-    read_trials,
-    run_unit,
-    unit_name,
-)
+from bot.offline import walk_forward
 from strategies.candles import CANDLE_MS
 
 log = structlog.get_logger("ritmo.evaluate")
@@ -50,7 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--until", help="the data used ends here, exclusive (UTC date); default: the end of the data")
     p.add_argument("--seeds", type=int, default=5, help="seeds per fold (>= 1; the issue asks for at least 5)")
     p.add_argument(
-        "--costs", default=",".join(str(c) for c in DEFAULT_COSTS), help="commissions per side for the cost sweep"
+        "--costs",
+        default=",".join(str(c) for c in walk_forward.DEFAULT_COSTS),
+        help="commissions per side for the cost sweep",
     )
     p.add_argument("--split", choices=("valid", "test"), default="valid", help="valid: selection; test: read once")
     p.add_argument("--reread-test", action="store_true", help="allow reading a configuration's test folds again")
@@ -79,20 +69,20 @@ def load_config(args: argparse.Namespace) -> dict[str, Any]:
         try:
             cfg = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise EvaluateError(f"--config {args.config}: {exc}") from None
+            raise walk_forward.EvaluateError(f"--config {args.config}: {exc}") from None
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
-            raise EvaluateError(f"--set {item!r}: expected KEY=VALUE")
+            raise walk_forward.EvaluateError(f"--set {item!r}: expected KEY=VALUE")
         cfg[key.strip()] = _parse_value(value.strip())
     unknown = sorted(set(cfg) - set(TrainConfig.__dataclass_fields__))
     if unknown:
-        raise EvaluateError(f"unknown configuration field(s): {', '.join(unknown)}")
+        raise walk_forward.EvaluateError(f"unknown configuration field(s): {', '.join(unknown)}")
     try:
         full = TrainConfig.from_dict(cfg)
         full.validate()
     except (TypeError, ValueError) as exc:
-        raise EvaluateError(f"configuration: {exc}") from None
+        raise walk_forward.EvaluateError(f"configuration: {exc}") from None
     return full.to_dict()
 
 
@@ -102,7 +92,9 @@ def _costs(text: str) -> list[float]:
     except ValueError:
         costs = []
     if not costs or any(not 0 <= c < 0.05 for c in costs):
-        raise EvaluateError(f"--costs {text!r}: expected commas between fractions in [0, 0.05), e.g. 0,0.001")
+        raise walk_forward.EvaluateError(
+            f"--costs {text!r}: expected commas between fractions in [0, 0.05), e.g. 0,0.001"
+        )
     return costs
 
 
@@ -110,32 +102,32 @@ def main(args: argparse.Namespace) -> int:
     """Run `ritmo evaluate`."""
     from strategies.candles import parse_utc_date_ms
 
-    spec = parse_fold_spec(args.folds)
+    spec = walk_forward.parse_fold_spec(args.folds)
     costs = _costs(args.costs)
     if args.seeds < 1 or args.workers < 1 or args.threads < 1 or args.validate_every < 1:
-        raise EvaluateError("--seeds, --workers, --threads and --validate-every must be >= 1")
+        raise walk_forward.EvaluateError("--seeds, --workers, --threads and --validate-every must be >= 1")
     cfg = load_config(args)
-    name = args.name or f"{cfg['objective']}-{cfg['position_mode']}-k{cfg['decide_every']}-{config_hash(cfg)}"
-    chash = config_hash(cfg)
-    trials = read_trials(args.trials)
+    chash = walk_forward.config_hash(cfg)
+    name = args.name or f"{cfg['objective']}-{cfg['position_mode']}-k{cfg['decide_every']}-{chash}"
+    trials = walk_forward.read_trials(args.trials)
     if (
         args.split == "test"
         and not args.reread_test
         and any(t["config_hash"] == chash and t["split"] == "test" for t in trials)
     ):
-        raise EvaluateError(
+        raise walk_forward.EvaluateError(
             f"the test folds of configuration {chash} ({name}) were read already ({args.trials}); "
             "test folds are read once (--reread-test overrides, and is recorded)"
         )
     data = [str(p) for p in args.data]
-    candles, _ = _load(data)
+    candles, _ = walk_forward.load_data(data)
     end_ms = int(candles["ts_ms"].iloc[-1]) + CANDLE_MS
     if args.until:
         try:
             end_ms = min(end_ms, parse_utc_date_ms(args.until))
         except ValueError as exc:
-            raise EvaluateError(f"--until: {exc}") from None
-    folds = make_folds(int(candles["ts_ms"].iloc[0]), end_ms, spec, args.max_folds)
+            raise walk_forward.EvaluateError(f"--until: {exc}") from None
+    folds = walk_forward.make_folds(int(candles["ts_ms"].iloc[0]), end_ms, spec, args.max_folds)
     if args.last_folds:
         folds = folds[-args.last_folds :]
     splits = ["valid"] if args.split == "valid" else ["valid", "test"]
@@ -143,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tasks = [
         {
-            "dir": str(out / "units" / unit_name(chash, f, s)),
+            "dir": str(out / "units" / walk_forward.unit_name(chash, f, s)),
             "data": data,
             "config": cfg,
             "seed": s,
@@ -162,7 +154,9 @@ def main(args: argparse.Namespace) -> int:
     log.info("evaluate_start", name=name, config_hash=chash, folds=len(folds), seeds=args.seeds, split=args.split)
     results = _run_all(tasks, args.workers, progress=not args.no_progress)
     baselines = {
-        split: {f.index: baseline_figures(candles, f.period(split), cfg["position_mode"], costs) for f in folds}
+        split: {
+            f.index: walk_forward.baseline_figures(candles, f.period(split), cfg["position_mode"], costs) for f in folds
+        }
         for split in splits
     }
     record = {
@@ -187,7 +181,7 @@ def main(args: argparse.Namespace) -> int:
         costs=costs,
         results=results,
         baselines=baselines,
-        n_trials=count_trials([*trials, {"config_hash": chash, "seeds": list(range(args.seeds))}]),
+        n_trials=walk_forward.count_trials([*trials, {"config_hash": chash, "seeds": list(range(args.seeds))}]),
         trial_srs=[sr for t in trials for sr in t.get("valid_daily_sr", [])],
         out=out,
     )
@@ -209,14 +203,14 @@ def _run_all(tasks: list[dict[str, Any]], workers: int, progress: bool) -> list[
     results: list[dict[str, Any] | None] = [None] * len(tasks)
     if workers == 1:
         for i, t in enumerate(tasks):
-            results[i] = run_unit(t)
+            results[i] = walk_forward.run_unit(t)
             bar.update(1)
     else:
         # spawn: a clean interpreter per worker (torch and forked OpenMP threads do not mix)
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            futures = {pool.submit(run_unit, t): i for i, t in enumerate(tasks)}
+            futures = {pool.submit(walk_forward.run_unit, t): i for i, t in enumerate(tasks)}
             for fut in as_completed(futures):
                 results[futures[fut]] = fut.result()
                 bar.update(1)

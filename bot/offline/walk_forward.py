@@ -150,7 +150,7 @@ def count_trials(trials: list[dict[str, Any]]) -> int:
 _DATA_CACHE: dict[str, Any] = {}
 
 
-def _load(data_paths: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+def load_data(data_paths: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
     """Candles and features of the data files, cached per process (each worker loads them once)."""
     key = "|".join(data_paths)
     if key not in _DATA_CACHE:
@@ -216,7 +216,7 @@ def run_unit(task: dict[str, Any]) -> dict[str, Any]:
     from strategies.trainer import TrainConfig
 
     torch.set_num_threads(int(task["threads"]))
-    candles, features = _load(task["data"])
+    candles, features = load_data(task["data"])
     cfg = TrainConfig.from_dict({**task["config"], "seed": int(task["seed"])})
     fold = Fold(task["fold"], tuple(task["train"]), tuple(task["valid"]), tuple(task["test"]))  # type: ignore[arg-type]
     t0 = time.perf_counter()
