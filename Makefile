@@ -41,12 +41,11 @@ test-all: venv
 lint: venv
 	$(PY) -m ruff check .
 
+# One table of every speed and memory figure against its target (benchmarks/bench_all.py); stable-baselines3
+# is installed for the training anchor only. The scripts it runs also work one by one.
 bench: venv
-	$(PY) benchmarks/bench_features.py
-	$(PY) benchmarks/bench_backtest.py
-	$(PY) benchmarks/bench_policy.py
-	$(PY) benchmarks/bench_train.py
-	$(PY) benchmarks/bench_daemon.py
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/bench_all.py
 
 # Walk-forward evaluations of the shipped configurations (docs/evaluation.md): about two hours on 2 cores,
 # resumable (a finished fold/seed is kept under $(EVAL_OUT)). They re-read test folds already read once, so

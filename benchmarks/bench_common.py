@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -37,3 +38,10 @@ def print_machine(libs: Sequence[str] = ("numpy", "pandas", "torch")) -> None:
             f"NOTE       busy machine (load {load:.1f} on {cpus} cpus): multi-threaded torch figures are pessimistic; "
             "compare --threads 1"
         )
+
+
+def write_figures(path: str | None, figures: dict[str, Any]) -> None:
+    """Write a benchmark's figures as JSON to `path` (for `bench_all.py`'s table); nothing without a path."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=1)

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import write_figures
+
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "binance_BTCUSDT_5m_2024.csv.gz"
 
@@ -161,6 +163,8 @@ def main() -> None:
     p.add_argument("--from", dest="date_from", default="2024-12-01")
     p.add_argument("--to", dest="date_to", default="2025-01-01")
     p.add_argument("--checkpoint", default=None)
+    p.add_argument("--modes", default="learning,frozen", help="which runs: learning, frozen or both")
+    p.add_argument("--json", help="also write the figures to this JSON file (bench_all.py)")
     p.add_argument("--child", choices=("learning", "frozen"), help=argparse.SUPPRESS)
     p.add_argument("--state-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -183,7 +187,8 @@ def main() -> None:
         print(
             f"replay: {args.data.name} {args.date_from} .. {args.date_to}, seed 1, logs rendered as JSON to /dev/null"
         )
-        for mode in ("learning", "frozen"):
+        figures: dict[str, dict] = {}
+        for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--child", mode, "--state-dir", str(Path(tmp) / mode)]
             cmd += [
                 "--data",
@@ -202,6 +207,7 @@ def main() -> None:
                 print(done.stderr[-3000:])
                 raise SystemExit(f"{mode} run failed")
             r = json.loads(done.stdout.strip().splitlines()[-1])
+            figures[mode] = r
             label = "online learning ON " if r["learning"] else "online learning OFF"
             print(f"\n[{label}] {r['ticks']} ticks")
             print(
@@ -220,6 +226,7 @@ def main() -> None:
                 f"(imports, candle file, model){'   (target <= 60 s)' if r['learning'] else ''}"
             )
             print(f"  peak RSS: {r['peak_rss_mb']:.0f} MB (target <= 400 MB)")
+        write_figures(args.json, figures)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_common import write_figures
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -108,6 +109,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=1, help="M rollouts per start (REINFORCE objectives)")
     parser.add_argument("--sb3", action="store_true", help="also measure stable-baselines3 PPO")
     parser.add_argument("--sb3-steps", type=int, default=20_480)
+    parser.add_argument("--json", help="also write the figures to this JSON file (bench_all.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -150,16 +152,23 @@ def main() -> None:
     asym_rate = steps_per_cycle / float(np.mean(cycle_s["asymmetric"]))
     print(f"target     >= 150,000 env steps/s asymmetric: {'met' if asym_rate >= 150_000 else 'NOT met'}")
 
+    figures: dict[str, float | None] = {
+        "asymmetric_steps_s_mean": asym_rate,
+        "asymmetric_steps_s_best": steps_per_cycle / min(cycle_s["asymmetric"]),
+        "symmetric_over_asymmetric": ratio,
+    }
     if args.sb3:
         try:
             for n_envs in (1, 8):
                 rate = bench_sb3(obs, candles, starts, n_envs, args.sb3_steps)
+                figures[f"sb3_ppo_{n_envs}_envs_steps_s"] = rate
                 print(
                     f"sb3 PPO    {n_envs} env(s): {rate:>10,.0f} env steps/s   "
                     f"ritmo asymmetric / sb3 = {asym_rate / rate:,.0f}x"
                 )
         except ImportError as exc:
             print(f"sb3 PPO    skipped: {exc} (pip install -e '.[bench]')")
+    write_figures(args.json, figures)
 
 
 def _cpus() -> int:

@@ -39,6 +39,7 @@ from strategies.objectives import (
     shaped_rewards,
     validate_objective,
 )
+from strategies.optim import Adam
 from strategies.policy import MACRO_EMBED, PolicyNet, head_logits_all_positions
 
 SCHEDULES = ("asymmetric", "symmetric")
@@ -246,8 +247,8 @@ def _grad_norm(params: list[nn.Parameter]) -> float:
 
 def apply_gradients(
     model: PolicyNet,
-    opt_macro: torch.optim.Optimizer,
-    opt_rest: torch.optim.Optimizer,
+    opt_macro: Adam,
+    opt_rest: Adam,
     loss_value: float,
     *,
     learn_macro: bool,
@@ -342,9 +343,9 @@ class Trainer:
         self.cfg.validate()
         if self.start_rows.numel() == 0:
             raise ValueError("no episode fits in the training period: shorten episode_steps or widen the period")
-        self.opt_macro = torch.optim.Adam(self.model.macro.parameters(), lr=self.cfg.lr_macro)
+        self.opt_macro = Adam(self.model.macro.parameters(), lr=self.cfg.lr_macro)
         self.rest_params = list(self.model.micro.parameters()) + list(self.model.head.parameters())
-        self.opt_rest = torch.optim.Adam(self.rest_params, lr=self.cfg.lr_rest)
+        self.opt_rest = Adam(self.rest_params, lr=self.cfg.lr_rest)
         self.env = VectorTradingEnv(
             self.open_prices,
             self.close_prices,
@@ -483,7 +484,7 @@ class UpdateContext:
     schedule, clipping and penalties apply at k, the seed of its dropout masks, and whether MacroNet learns."""
 
     model: PolicyNet
-    optimizers: tuple[torch.optim.Adam, torch.optim.Adam]
+    optimizers: tuple[Adam, Adam]
     cfg: TrainConfig
     k: int
     seed: int
@@ -559,8 +560,8 @@ def fill_returns(
 
 def expected_pnl_step(
     model: PolicyNet,
-    opt_macro: torch.optim.Optimizer,
-    opt_rest: torch.optim.Optimizer,
+    opt_macro: Adam,
+    opt_rest: Adam,
     *,
     macro_x: torch.Tensor,
     micro_x: torch.Tensor,
@@ -623,7 +624,7 @@ def _frozen_macro(model: PolicyNet, macro_x: torch.Tensor) -> torch.Tensor:
         return model.macro(macro_x)
 
 
-def _begin_step(model: PolicyNet, opt_macro: torch.optim.Adam, opt_rest: torch.optim.Adam) -> None:
+def _begin_step(model: PolicyNet, opt_macro: Adam, opt_rest: Adam) -> None:
     """Train mode (dropout on) and cleared gradients, before an update's forward and backward passes."""
     model.train()
     opt_macro.zero_grad(set_to_none=True)
@@ -632,8 +633,8 @@ def _begin_step(model: PolicyNet, opt_macro: torch.optim.Adam, opt_rest: torch.o
 
 def policy_gradient_step(
     model: PolicyNet,
-    opt_macro: torch.optim.Optimizer,
-    opt_rest: torch.optim.Optimizer,
+    opt_macro: Adam,
+    opt_rest: Adam,
     *,
     macro_x: torch.Tensor,
     micro_x: torch.Tensor,

@@ -85,6 +85,9 @@ class CandleBuffer:
         self._values = np.zeros((2 * self.capacity, 5), dtype=np.float64)
         self._lo = 0
         self._hi = 0
+        self.revision = 0
+        """Bumped whenever candles already held are dropped (cleared, or cut to refetch a hole): rows that were
+        read before may have changed, while plain appends keep every earlier row as it was."""
 
     def __len__(self) -> int:
         return self._hi - self._lo
@@ -104,11 +107,14 @@ class CandleBuffer:
     def clear(self) -> None:
         """Forget every candle."""
         self._lo = self._hi = 0
+        self.revision += 1
 
     def truncate_from(self, ts_ms: int) -> None:
         """Drop the candles with open time >= ts_ms (used to refetch from a hole)."""
         cut = int(np.searchsorted(self._ts[self._lo : self._hi], int(ts_ms), side="left"))
-        self._hi = self._lo + cut
+        if self._lo + cut < self._hi:
+            self._hi = self._lo + cut
+            self.revision += 1
 
     def extend(self, batch: CandleBatch) -> int:
         """Append the candles newer than the newest one held; returns how many were added."""
@@ -131,6 +137,7 @@ class CandleBuffer:
             ts, values = ts[-self.capacity :], values[-self.capacity :]
             self._lo, self._hi = 0, 0
             n = self.capacity
+            self.revision += 1
         if self._hi + n > 2 * self.capacity:
             keep_n = min(len(self), self.capacity - n)
             start = self._hi - keep_n

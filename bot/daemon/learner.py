@@ -64,6 +64,7 @@ from bot.files.checkpoints import load_checkpoint, save_checkpoint
 from strategies.bundle import ModelBundle
 from strategies.env import VectorTradingEnv
 from strategies.objectives import NEEDS_VOLATILITY, advantages
+from strategies.optim import Adam
 from strategies.policy import PolicyNet, probs_for_all_positions
 from strategies.trainer import (
     Rollout,
@@ -189,19 +190,19 @@ class OnlineLearner:
         self.macro_every = int(macro_every)
         self.keep = int(keep)
         self._optimizer_state = optimizer_state
-        self._optimizers: tuple[torch.optim.Adam, torch.optim.Adam] | None = None
+        self._optimizers: tuple[Adam, Adam] | None = None
         if learning:
-            # Built at start-up when learning is on: torch.optim imports torch._dynamo (and sympy), ~70 MB and
-            # ~3 s, which belong in start-up rather than in the first update's tick. A frozen daemon never pays it.
+            # Built at start-up when learning is on. strategies.optim.Adam (bit-identical to torch's) because
+            # torch.optim.Adam imports torch._dynamo and sympy, ~73 MB and ~3 s the daemon has no use for.
             self._ensure_optimizers()
         self.version = bundle.version()
 
-    def _ensure_optimizers(self) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    def _ensure_optimizers(self) -> tuple[Adam, Adam]:
         if self._optimizers is None:
             cfg = self.train_config
-            opt_macro = torch.optim.Adam(self.model.macro.parameters(), lr=cfg.lr_macro)
+            opt_macro = Adam(self.model.macro.parameters(), lr=cfg.lr_macro)
             rest = list(self.model.micro.parameters()) + list(self.model.head.parameters())
-            opt_rest = torch.optim.Adam(rest, lr=cfg.lr_rest)
+            opt_rest = Adam(rest, lr=cfg.lr_rest)
             if self._optimizer_state is not None:
                 opt_macro.load_state_dict(self._optimizer_state["macro"])
                 opt_rest.load_state_dict(self._optimizer_state["rest"])
@@ -209,12 +210,12 @@ class OnlineLearner:
         return self._optimizers
 
     @property
-    def opt_macro(self) -> torch.optim.Adam:
+    def opt_macro(self) -> Adam:
         """Adam over MacroNet (the checkpoint's lr_macro, 1e-4 for the card)."""
         return self._ensure_optimizers()[0]
 
     @property
-    def opt_rest(self) -> torch.optim.Adam:
+    def opt_rest(self) -> Adam:
         """Adam over MicroNet + decision head (the checkpoint's lr_rest, 5e-4 for the card)."""
         return self._ensure_optimizers()[1]
 

@@ -19,8 +19,9 @@ Each phase is a method of `Daemon` (`tick` runs them; `_tick_in_tx` is the part 
                or one already sent for candle t, makes the tick a skip.
   5. mark      (`_mark`) equity at t's close, peak equity, drawdown guard (a latched halt flattens and stops
                trading and learning until `ritmo resume`; on a kept tick too).
-  6. observe   (`_observe`, decision ticks only) observation = pure function of the last `first_valid_row + 1`
-               candles ending at t.
+  6. observe   (`_observe`, decision ticks only) the observation of candle t from the incremental feature engine
+               (bot/daemon/observer.py), which follows every closed candle (synced right after the feed) and
+               equals the recompute over the last `first_valid_row + 1` candles ending at t (checked daily).
   7. decide    (`_decide`) eval-mode probabilities (the backtest's `probs_for_all_positions`); action sampled
                with the uniform keyed by (seed, t) or greedy; target position; MAX_POSITION_QUOTE caps the
                notional.
@@ -58,11 +59,12 @@ from bot.brokers.base import Broker, Decision, ExecutionResult
 from bot.clock import wall_ms
 from bot.daemon.feed import Candle, CandleFeed, FeedUpdate, last_closed_open_ms
 from bot.daemon.learner import LoadedModel, OnlineLearner, UpdateOutcome
+from bot.daemon.observer import BufferObserver
 from bot.daemon.state import KEEP_EPISODE_BLOBS, StateStore
 from bot.errors import TemporaryExchangeError
 from strategies.accounting import Ledger, target_position
 from strategies.actions import ACTION_NAMES, HOLD
-from strategies.bundle import ModelBundle, history_needed, observe
+from strategies.bundle import ModelBundle, history_needed
 from strategies.candles import CANDLE_MS, iso_utc
 from strategies.objectives import ex_ante_volatility, is_decision_candle
 from strategies.policy import decision_uniforms, greedy_action, probs_for_all_positions, sample_action
@@ -220,6 +222,7 @@ class Daemon:
         self.loaded = loaded
         self._perf = perf_counter
         self.history = history_needed(learner.bundle)
+        self.observer = BufferObserver(learner.bundle)
         self.decide_every = int(learner.bundle.decide_every)
         self.mem: _Memory | None = None
 
@@ -390,6 +393,7 @@ class Daemon:
             t0 = self._perf()
             upd = self.feed.update(now_ms)  # feed: the network part, outside the transaction
             t_in = self._perf()
+            self.observer.sync(self.feed.buffer)  # the features follow every closed candle, decided on or not
             try:
                 with self.store.transaction():
                     outcome = self._tick_in_tx(t, upd, t_in)
@@ -541,7 +545,7 @@ class Daemon:
     def _observe(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The observation (macro, micro) of the newest candle, or None while the buffer is too short (warm-up)."""
         buffer = self.feed.buffer
-        obs = observe(buffer.window(self.history), self.bundle)
+        obs = self.observer.observation(buffer)
         if obs is None:
             log.warning("observation_unavailable", candles=len(buffer), needed=self.history)
         return obs

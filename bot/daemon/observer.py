@@ -1,0 +1,91 @@
+"""The observation of the newest candle, kept in step with the candle buffer one candle at a time.
+
+`strategies.incremental.IncrementalFeatures` updates the 20 features and the macro/micro aggregates from its
+state and each new candle (about 0.1 ms), instead of recomputing them over the whole 1,265-candle window at
+every decision (several ms). It is rebuilt from the buffer's window at start, and whenever candles it has
+read leave the buffer other than by being outgrown (a cleared buffer, a hole refetched): then its history is
+exactly the window's, as the full recompute's is.
+
+Guard (docs/design.md §3, §8): every `check_every_ticks` ticks, the next decision also computes the window's
+observation the old way (`strategies.bundle.observe`). The two agree to float32 precision; if they ever
+differ beyond `rtol`/`atol`, `feature_drift` is logged, the full recompute's observation is used and the
+engine is rebuilt.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import structlog
+
+from bot.daemon.feed import CandleBuffer
+from strategies.bundle import ModelBundle, history_needed, observe
+from strategies.incremental import IncrementalFeatures
+
+log = structlog.get_logger(__name__)
+
+# One day of 5-minute ticks between full recomputes: a few ms once a day.
+CHECK_EVERY_TICKS = 288
+DRIFT_RTOL = 1e-5
+DRIFT_ATOL = 1e-6
+
+Observation = tuple[np.ndarray, np.ndarray]
+
+
+class BufferObserver:
+    """Follows a `CandleBuffer` with an incremental feature engine; `observation()` is its newest candle's."""
+
+    def __init__(self, bundle: ModelBundle, *, check_every_ticks: int = CHECK_EVERY_TICKS) -> None:
+        self.bundle = bundle
+        self.history = history_needed(bundle)
+        self.check_every_ticks = int(check_every_ticks)
+        self.engine = IncrementalFeatures(bundle.spec, bundle.standardizer, bundle.macro_window, bundle.micro_window)
+        self._revision: int | None = None
+        self._ticks_since_check = 0
+        self.rebuilds = 0
+
+    def sync(self, buffer: CandleBuffer) -> None:
+        """Feed the engine the candles the buffer gained since the last sync (rebuild when rows were dropped)."""
+        self._ticks_since_check += 1
+        last = self.engine.last_ts_ms
+        row = buffer.index_of(last) if last is not None else None
+        if self._revision != buffer.revision or row is None:
+            self._rebuild(buffer)
+            return
+        for i in range(row + 1, len(buffer)):
+            c = buffer.candle(i)
+            self.engine.update(c.open, c.high, c.low, c.close, c.volume, ts_ms=c.ts_ms)
+
+    def observation(self, buffer: CandleBuffer) -> Observation | None:
+        """(macro, micro) float32 (3N,) each of the buffer's newest candle, or None while too short (warm-up)."""
+        obs = self.engine.observation()
+        if self._ticks_since_check < self.check_every_ticks:
+            return obs
+        self._ticks_since_check = 0
+        full = observe(buffer.window(self.history), self.bundle)
+        if _same(obs, full):
+            return obs
+        log.warning("feature_drift", incremental_none=obs is None, full_none=full is None, **_gap(obs, full))
+        self._rebuild(buffer)
+        return full
+
+    def _rebuild(self, buffer: CandleBuffer) -> None:
+        self._revision = buffer.revision
+        if len(buffer) == 0:
+            self.engine.reset()
+            return
+        self.engine.rebuild(buffer.window(self.history))
+        self.rebuilds += 1
+
+
+def _same(a: Observation | None, b: Observation | None) -> bool:
+    """Both None, or both present and equal within the drift tolerance."""
+    if a is None or b is None:
+        return a is None and b is None
+    return all(np.allclose(x, y, rtol=DRIFT_RTOL, atol=DRIFT_ATOL) for x, y in zip(a, b, strict=True))
+
+
+def _gap(a: Observation | None, b: Observation | None) -> dict[str, float]:
+    """The largest absolute difference between two observations, for the drift log line."""
+    if a is None or b is None:
+        return {}
+    return {"max_abs_diff": float(max(np.max(np.abs(x - y)) for x, y in zip(a, b, strict=True)))}
