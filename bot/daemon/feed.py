@@ -176,6 +176,13 @@ class CandleBuffer:
         """The newest candle (IndexError when empty)."""
         return self.candle(-1)
 
+    def closes(self, n: int) -> np.ndarray:
+        """The closes of the newest n candles, oldest first (a read-only view: no DataFrame built)."""
+        lo = max(self._lo, self._hi - int(n))
+        view = self._values[lo : self._hi, VALUE_COLUMNS.index("close")]
+        view.flags.writeable = False
+        return view
+
     def window(self, n: int) -> pd.DataFrame:
         """The newest n candles as a DataFrame (ts_ms + OHLCV), for the feature code."""
         lo = max(self._lo, self._hi - int(n))

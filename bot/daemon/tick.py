@@ -704,7 +704,7 @@ class Daemon:
         """The market's ex-ante volatility per decision interval at the newest close (the checkpoint's
         vol_window of one-candle log returns, as training computes it); None if the buffer is too short."""
         window = int(self.learner.train_config.vol_window)
-        closes = self.feed.buffer.window(window + 1)["close"].to_numpy()
+        closes = self.feed.buffer.closes(window + 1)
         vol = float(ex_ante_volatility(closes, window, self.decide_every)[-1])
         return vol if math.isfinite(vol) and vol > 0 else None
 
