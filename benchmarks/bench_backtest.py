@@ -10,16 +10,21 @@ Steps, as `ritmo backtest --random-init` runs them:
        (a) policy probabilities for every decision row and every position state (`probs_for_all_positions`);
        (b) the sequential accounting loop (`run_backtest`), sampled and greedy.
      Target: (a) + (b) <= 3 s for the year.
+  2. the whole command, `ritmo backtest --checkpoint <--checkpoint> --json` over --from .. --to, as a child process:
+     best wall time and its peak resident memory (target <= 2.0 s and <= 300 MB), next to a child that only
+     imports numpy, pandas and torch (the floor every run pays before reading a byte).
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from bench_common import best_of, print_machine
 
@@ -33,6 +38,31 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "binance_BTCUSDT_5m_2024.csv.gz"
 TARGET_S = 3.0
 SEED = 1
+COMMAND_TARGET_S, COMMAND_TARGET_MB = 2.0, 300.0
+
+
+def run_child(argv: list[str]) -> tuple[float, float]:
+    """Wall time (s) and peak resident memory (MB) of one child process, as /usr/bin/time reports them.
+
+    Not this process's own wait4: Linux carries a process's peak RSS across fork and exec, so a child of
+    this (large) process would report at least our own size. /usr/bin/time is small and forks the child itself.
+    """
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
+        proc = subprocess.run(
+            ["/usr/bin/time", "-f", "%e %M", "-o", report.name, *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} exited with {proc.returncode}")
+        wall, kb = report.read().split()[-2:]
+    return float(wall), float(kb) / 1024
+
+
+def best_child(argv: list[str], repeats: int) -> tuple[float, float]:
+    """Best wall time of `repeats` runs of the child, with the peak memory of that run."""
+    return min(run_child(argv) for _ in range(repeats))
 
 
 def main() -> None:
@@ -41,6 +71,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="candle CSV(.gz) or Parquet")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--checkpoint", type=Path, default=REPO / "checkpoints" / "default.pt", help="for step 2")
+    parser.add_argument("--from", dest="date_from", default="2024-01-06", help="period start of step 2")
+    parser.add_argument("--to", dest="date_to", default="2025-01-01", help="period end of step 2")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,8 +101,7 @@ def main() -> None:
     )
 
     # ---- 1. the backtest proper ------------------------------------------------------------------
-    rows = np.arange(i0 - 1, i1 - 1)
-    macro, micro = torch.from_numpy(obs.macro[rows]), torch.from_numpy(obs.micro[rows])
+    macro, micro = torch.from_numpy(obs.macro[i0 - 1 : i1 - 1]), torch.from_numpy(obs.micro[i0 - 1 : i1 - 1])
     period_ts = ts[i0:i1]
     opens, closes = candles["open"].to_numpy()[i0:i1], candles["close"].to_numpy()[i0:i1]
 
@@ -107,6 +139,20 @@ def main() -> None:
         print(f"(a)+(b) {label}                   {total * 1e3:8.1f} ms   (target <= {TARGET_S:.0f} s; {verdict})")
     print(f"backtest_period end to end        {t_whole * 1e3:8.1f} ms   (sampled; slicing + (a) + (b))")
     print(f"buy-and-hold over the same candles: return {res_sampled.buy_and_hold.total_return:+.2%}")
+
+    # ---- 2. the whole command -------------------------------------------------------------------
+    command = [sys.executable, "-m", "bot", "backtest", "--checkpoint", str(args.checkpoint), "--data", str(args.data)]
+    command += ["--from", args.date_from, "--to", args.date_to, "--json"]
+    t_cmd, mb_cmd = best_child(command, args.repeats)
+    t_imp, mb_imp = best_child([sys.executable, "-c", "import numpy, pandas, torch"], args.repeats)
+    verdict = "met" if t_cmd <= COMMAND_TARGET_S and mb_cmd <= COMMAND_TARGET_MB else "NOT met"
+    period = f"{args.date_from} .. {args.date_to}"
+    print(f"\n== ritmo backtest --checkpoint {args.checkpoint.name} {period}, best of {args.repeats}")
+    print(
+        f"whole command                     {t_cmd * 1e3:8.1f} ms   peak RSS {mb_cmd:6.0f} MB   "
+        f"(target <= {COMMAND_TARGET_S:.1f} s and <= {COMMAND_TARGET_MB:.0f} MB; {verdict})"
+    )
+    print(f"import numpy, pandas, torch only  {t_imp * 1e3:8.1f} ms   peak RSS {mb_imp:6.0f} MB   (the floor)")
 
 
 if __name__ == "__main__":

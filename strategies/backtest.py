@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from strategies.accounting import Ledger
-from strategies.actions import BUY, HOLD
+from strategies.actions import BUY, HOLD, SELL
 from strategies.candles import CANDLE_MS
 from strategies.objectives import is_decision_candle
 from strategies.policy import decision_uniforms
@@ -157,6 +157,8 @@ def run_actions(
 
     actions: (n, 3) the action for each position state (index position + 1) at each decision, or (n,) one
     action whatever the position (a baseline rule); the other arguments as in `run_backtest`.
+    The ledger is called only at the rows where it can trade or raise (`_stop_rows`); in between, positions and
+    marks are filled in with numpy, bit-identical to calling it at every candle.
     """
     n = int(ts_ms.shape[0])
     actions = np.asarray(actions, dtype=np.int64)
@@ -165,45 +167,71 @@ def run_actions(
     if actions.shape != (n, 3) or n == 0 or not (n == open_prices.shape[0] == close_prices.shape[0]):
         raise ValueError("actions must be (n, 3) or (n,) for n period candles, with prices of the same length")
     decision_ts = np.asarray(ts_ms, dtype=np.int64) - CANDLE_MS
-    actions_list = actions.tolist()
-    opens = open_prices.tolist()
-    closes = close_prices.tolist()
-    ts_list = np.asarray(ts_ms, dtype=np.int64).tolist()
+    closes = np.asarray(close_prices, dtype=np.float64)
+    stops = _stop_rows(actions, open_prices, close_prices, mode)
 
     ledger = Ledger(cash_quote=float(initial_cash))
-    equity = [float(initial_cash)]
-    positions = [0.0] * n
-    taken = [0] * n
+    equity = np.empty(n + 1)
+    equity[0] = float(initial_cash)
+    positions = np.empty(n)
     trades: list[TradeRecord] = []
-    for k in range(n):
-        pos_idx = int(ledger.position) + 1
-        action = actions_list[k][pos_idx]
-        taken[k] = action
-        fill = ledger.apply_action(action, opens[k], commission, slippage_bps, mode)
+    k = 0
+    while k < n:
+        # Until the next stop row the position cannot change: hold it and mark to market in one step, with
+        # the very float operations of Ledger.equity (cash + qty * close).
+        pos = ledger.position
+        after = stops[pos + 1]
+        j = int(after[np.searchsorted(after, k)]) if after.size and after[-1] >= k else n
+        positions[k:j] = float(pos)
+        equity[k + 1 : j + 1] = ledger.cash_quote + ledger.qty_base * closes[k:j]
+        if j == n:
+            break
+        fill = ledger.apply_action(int(actions[j, pos + 1]), open_prices[j], commission, slippage_bps, mode)
         if fill is not None:
             trades.append(
-                TradeRecord(ts_list[k], fill.side, fill.qty_base, fill.price, fill.fee_quote, fill.position_after)
+                TradeRecord(int(ts_ms[j]), fill.side, fill.qty_base, fill.price, fill.fee_quote, fill.position_after)
             )
-        positions[k] = float(ledger.position)
-        equity.append(ledger.equity(closes[k]))
+        positions[j] = float(ledger.position)
+        equity[j + 1] = ledger.equity(closes[j])
+        k = j + 1
+    held_before = np.concatenate([[0], positions[:-1]]).astype(np.int64)
+    taken = actions[np.arange(n), held_before + 1]  # (n,) the action read for the position held
 
-    pos_arr = np.asarray(positions)
-    policy_equity = np.asarray(equity)
     hold_equity, hold_metrics = _buy_and_hold(open_prices, close_prices, commission, slippage_bps, initial_cash, mode)
     flat_equity = np.full(n + 1, float(initial_cash))
     result = BacktestResult(
         equity_ts_ms=np.concatenate([[decision_ts[0] + 300_000], np.asarray(ts_ms, dtype=np.int64) + 300_000]),
-        policy_equity=policy_equity,
+        policy_equity=equity,
         hold_equity=hold_equity,
         flat_equity=flat_equity,
-        positions=pos_arr,
-        actions=np.asarray(taken, dtype=np.int64),
+        positions=positions,
+        actions=taken,
         trades=trades,
     )
-    result.policy = equity_metrics(policy_equity, pos_arr, len(trades), ledger.turnover_quote, ledger.fees_quote)
+    result.policy = equity_metrics(equity, positions, len(trades), ledger.turnover_quote, ledger.fees_quote)
     result.buy_and_hold = hold_metrics
     result.flat = equity_metrics(flat_equity, np.zeros(n), 0, 0.0, 0.0)
     return result
+
+
+def _stop_rows(actions: np.ndarray, open_prices: np.ndarray, close_prices: np.ndarray, mode: str) -> list[np.ndarray]:
+    """For each position state -1, 0, +1: the sorted rows where `run_actions` must call the ledger.
+
+    Those are the rows whose action would move that state, plus every row where the ledger would raise (an
+    unknown action, a price that is not positive) and row 0 (where it checks mode, commission and slippage),
+    so the errors are the ledger's own, at the same row. Between stop rows the ledger would return None
+    without touching anything, so skipping those calls changes nothing. actions: (n, 3) int64.
+    """
+    sell_target = -1 if mode == "long_short" else 0
+    always = ~(np.asarray(open_prices) > 0) | ~(np.asarray(close_prices) > 0)
+    always[0] = True
+    stops = []
+    for state in (-1, 0, 1):
+        a = actions[:, state + 1]
+        target = np.where(a == BUY, 1, np.where(a == SELL, sell_target, state))
+        unknown = (a < HOLD) | (a > SELL)
+        stops.append(np.flatnonzero((target != state) | unknown | always))
+    return stops
 
 
 def _buy_and_hold(

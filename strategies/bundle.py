@@ -13,7 +13,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from strategies.actions import HOLD
 from strategies.backtest import BacktestResult, period_rows, run_backtest
+from strategies.candles import CANDLE_MS
 from strategies.features import (
     MACRO_WINDOW,
     MICRO_WINDOW,
@@ -26,7 +28,8 @@ from strategies.features import (
     fit_standardizer,
     last_observation,
 )
-from strategies.policy import PolicyNet, probs_for_all_positions
+from strategies.objectives import is_decision_candle
+from strategies.policy import N_ACTIONS, PolicyNet, probs_for_all_positions
 
 DEFAULT_INITIAL_CASH = 10_000.0
 
@@ -108,7 +111,13 @@ def random_bundle(seed: int, features: np.ndarray, fit_rows: slice, mode: str, c
 
 def period_probs(bundle: ModelBundle, obs: Observations, i0: int, i1: int) -> np.ndarray:
     """Eval-mode probabilities (i1-i0, 3, 3) for the decisions at the closes of candles i0-1 .. i1-2."""
-    rows = np.arange(i0 - 1, i1 - 1)
+    _check_period_rows(bundle, obs, i0, i1)
+    # Row slices are views (rows i0-1 .. i1-2 are contiguous): no copy of the observation matrices.
+    return _probs(bundle, obs.macro[i0 - 1 : i1 - 1], obs.micro[i0 - 1 : i1 - 1])
+
+
+def _check_period_rows(bundle: ModelBundle, obs: Observations, i0: int, i1: int) -> None:
+    """PeriodError unless the observations of the decision rows i0-1 .. i1-2 are all valid."""
     if i0 < 1 or not obs.valid[i0 - 1]:
         first = int(np.argmax(obs.valid)) if obs.valid.any() else None
         need = "more history than the file holds" if first is None else f"the first usable decision is row {first}"
@@ -116,11 +125,35 @@ def period_probs(bundle: ModelBundle, obs: Observations, i0: int, i1: int) -> np
             f"not enough warm-up before the period start: the first decision needs "
             f"{bundle.macro_window} candles of valid features before it ({need}); start later or add history"
         )
-    if not obs.valid[rows].all():
-        bad = int(rows[~obs.valid[rows]][0])
+    valid = obs.valid[i0 - 1 : i1 - 1]
+    if not valid.all():
+        bad = i0 - 1 + int(np.argmin(valid))
         raise PeriodError(f"features are undefined inside the period (row {bad}); the file may have a gap")
-    probs = probs_for_all_positions(bundle.model, torch.from_numpy(obs.macro[rows]), torch.from_numpy(obs.micro[rows]))
-    return probs.double().numpy()
+
+
+def _probs(bundle: ModelBundle, macro: np.ndarray, micro: np.ndarray) -> np.ndarray:
+    """Probabilities (m, 3, 3) float64 from float32 observations (m, 3N) x2."""
+    return probs_for_all_positions(bundle.model, torch.from_numpy(macro), torch.from_numpy(micro)).double().numpy()
+
+
+def decision_probs(bundle: ModelBundle, obs: Observations, ts_ms: np.ndarray, i0: int, i1: int) -> np.ndarray:
+    """`period_probs`, with the network run only at decision candles: (i1-i0, 3, 3).
+
+    With decide_every K > 1 the policy acts at one candle in K and holds at the others (run_backtest
+    imposes HOLD there); those rows are HOLD with probability 1 here, which saves (K-1)/K of the network.
+    ts_ms: (n,) open times of all candles (the rows of obs).
+    """
+    _check_period_rows(bundle, obs, i0, i1)
+    if bundle.decide_every <= 1:
+        return _probs(bundle, obs.macro[i0 - 1 : i1 - 1], obs.micro[i0 - 1 : i1 - 1])
+    # As run_backtest: decision k is keyed by the candle before period candle k (its open minus 5 minutes).
+    decides = np.asarray(is_decision_candle(np.asarray(ts_ms[i0:i1], dtype=np.int64) - CANDLE_MS, bundle.decide_every))
+    rows = np.flatnonzero(decides)
+    probs = np.zeros((i1 - i0, 3, N_ACTIONS))
+    probs[:, :, HOLD] = 1.0
+    if rows.size:
+        probs[rows] = _probs(bundle, obs.macro[i0 - 1 + rows], obs.micro[i0 - 1 + rows])
+    return probs
 
 
 def backtest_period(
@@ -141,7 +174,7 @@ def backtest_period(
     i0, i1 = period_rows(ts, from_ms, to_ms)
     if i1 <= i0:
         raise PeriodError("the period holds no candles of the data file")
-    probs = period_probs(bundle, obs, i0, i1)
+    probs = decision_probs(bundle, obs, ts, i0, i1)
     return run_backtest(
         probs,
         ts[i0:i1],

@@ -477,24 +477,116 @@ def fit_standardizer(features: np.ndarray, rows: slice | np.ndarray) -> Standard
 def aggregate_window(x: np.ndarray, window: int) -> np.ndarray:
     """[mean (N), std ddof=0 (N), last value (N)] over rows t-window+1..t: (n, N) -> (n, 3 * N) float64.
 
-    Rows whose window is incomplete or holds a NaN (or inf) are entirely NaN. O(n) per column: pandas'
-    rolling mean/var run once through the data with compensated running sums, in C.
+    Rows whose window is incomplete or holds a NaN (or inf) are entirely NaN. O(n) per column, see
+    `_aggregate_into` for the method and its precision.
     """
+    x = _check_window_input(x, window)
+    out = np.empty((x.shape[0], 3 * x.shape[1]), dtype=np.float64)
+    _aggregate_into(x, window, out)
+    return out
+
+
+def _check_window_input(x: np.ndarray, window: int) -> np.ndarray:
+    """x as float64 (n, N), or ValueError for a wrong shape or window."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"expected (n, n_features), got shape {x.shape}")
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
+    return x
+
+
+# Windows are aggregated in pieces of about this many rows, so the dozen (rows, N) float64 temporaries stay
+# small (~0.7 MB each for N = 20) instead of a dozen copies of the whole year.
+_AGG_CHUNK_ROWS = 4096
+
+
+def _aggregate_into(x: np.ndarray, window: int, out: np.ndarray) -> np.ndarray:
+    """Write `aggregate_window(x, window)` (float64 x (n, N)) into out (n, 3N) of any float dtype; valid rows (n,).
+
+    Method: the rows are cut into blocks of `window` rows aligned at row 0, so the window ending at row
+    t = jW + r is the prefix 0..r of block j plus the suffix r+1..W-1 of block j-1. Running sums of d = x - c
+    and d^2 within each block (c: its first value; its last where the first is not finite) give each part's
+    mean and squared deviations M2 = S2 - S1^2 / m (a suffix is the block total minus a prefix); the two
+    parts are merged with Chan's formula M2 = M2_a + M2_b + delta^2 m_a m_b / W, whose terms are all >= 0.
+    No running sum spans more than one block and each is taken about a value of that block, so the
+    cancellation of plain cumulative sums over the whole series (error ~ eps x the sum of 10^5 squares)
+    does not occur: on the 2021-2024 data the std is within 4e-13 relative, the mean within 2e-14
+    absolute, of direct sums over each window. Row t depends only on rows <= t and on its place in the
+    fixed block grid, so a prefix of the data gives bit-identical rows.
+    """
     n, k = x.shape
-    x = np.where(np.isfinite(x), x, np.nan)
-    roll = pd.DataFrame(x).rolling(window, min_periods=window)
-    out = np.empty((n, 3 * k), dtype=np.float64)
-    out[:, :k] = roll.mean().to_numpy()
-    out[:, k : 2 * k] = roll.std(ddof=0).to_numpy()
-    out[:, 2 * k :] = x
-    # min_periods=window makes mean/std NaN for an incomplete window or one containing NaN.
-    out[np.isnan(out[:, : 2 * k]).any(axis=1)] = np.nan
-    return out
+    row_ok = np.isfinite(x).all(axis=1)
+    # A window is valid when complete and free of non-finite rows: count the bad rows in it exactly.
+    bad = np.concatenate([[0], np.cumsum(~row_ok)])
+    ends = np.arange(n)
+    valid = (ends >= window - 1) & (bad[ends + 1] == bad[np.maximum(ends + 1 - window, 0)])
+    blocks_per_chunk = max(1, _AGG_CHUNK_ROWS // window)
+    for b0 in range(0, -(-n // window), blocks_per_chunk):
+        lo, hi = b0 * window, min((b0 + blocks_per_chunk) * window, n)
+        # One contiguous float64 piece, cast into `out` in one go (a strided cast per column block is slow).
+        piece = np.empty((hi - lo, 3 * k))
+        finite = bool(row_ok[max(lo - window, 0) : hi].all())
+        _window_moments(x, window, lo, hi, finite, piece[:, :k], piece[:, k : 2 * k])
+        piece[:, 2 * k :] = x[lo:hi]
+        out[lo:hi] = piece
+    out[~valid] = np.nan
+    return valid
+
+
+def _window_moments(
+    x: np.ndarray, window: int, lo: int, hi: int, finite: bool, mean: np.ndarray, std: np.ndarray
+) -> None:
+    """Window mean and std (ddof 0) of x (n, N) at rows lo..hi-1 into mean, std (hi-lo, N); lo % window == 0.
+
+    finite: rows lo-window .. hi-1 are all finite. Rows whose window is incomplete or not finite get
+    meaningless numbers; the caller masks them.
+    """
+    k = x.shape[1]
+    if window == 1:
+        mean[:] = x[lo:hi]
+        std[:] = 0.0
+        return
+    n_blocks = -(-(hi - lo) // window)
+    # Block -1 (the one before lo) holds the suffix parts of the first block's windows; zeros before row 0.
+    start, stop = lo - window, lo + n_blocks * window
+    if start >= 0 and stop <= x.shape[0]:
+        rows = x[start:stop]
+    else:
+        rows = np.zeros((stop - start, k))
+        rows[max(start, 0) - start : hi - start] = x[max(start, 0) : hi]
+    # Layout (W, blocks, N): position-in-block first, so every broadcast below runs over long contiguous rows.
+    d = rows.reshape(n_blocks + 1, window, k).transpose(1, 0, 2).copy()  # a copy: x is never written
+    ref = d[:1].copy()  # (1, blocks + 1, N): each block's first value
+    if not finite:
+        bad = ~np.isfinite(d)
+        # A block whose first value is not finite has only invalid prefix windows; its suffixes all hold its
+        # last value, which becomes the reference (0 if that too is not finite: every window using it is invalid).
+        last = np.where(np.isfinite(d[-1:]), d[-1:], 0.0)
+        ref = np.where(np.isfinite(ref), ref, last)
+        d[bad] = np.broadcast_to(ref, d.shape)[bad]  # d = 0 there: non-finite values cannot spread NaN
+    d -= ref
+    s1 = np.cumsum(d, axis=0)
+    s2 = np.cumsum(np.square(d, out=d), axis=0)
+    # prefix 0..r of blocks lo.. (m_a = r + 1 rows); suffix r+1..W-1 of the blocks before (m_b = W - 1 - r rows)
+    p1, p2 = s1[:, 1:], s2[:, 1:]
+    q1, q2 = s1[-1:, :-1] - s1[:, :-1], s2[-1:, :-1] - s2[:, :-1]
+    m_a = np.arange(1, window + 1, dtype=np.float64)[:, None, None]  # (W, 1, 1)
+    m_b = window - m_a
+    # Products with reciprocals (within an ulp of the quotients) are ~3x cheaper than divisions.
+    mean_a = p1 * (1.0 / m_a)  # about ref_a
+    mean_b = q1 * (1.0 / np.maximum(m_b, 1.0))  # about ref_b; 0 when the suffix is empty
+    m2 = np.maximum(p2 - p1 * mean_a, 0.0)
+    m2 += np.maximum(q2 - q1 * mean_b, 0.0)
+    delta = mean_b - mean_a
+    delta += ref[:, :-1] - ref[:, 1:]
+    m2 += np.square(delta) * (m_a * m_b / window)
+    mean_a += delta * (m_b / window)
+    mean_a += ref[:, 1:]
+    m2 *= 1.0 / window
+    rows = hi - lo
+    mean[:] = mean_a.transpose(1, 0, 2).reshape(-1, k)[:rows]
+    std[:] = np.sqrt(m2.transpose(1, 0, 2).reshape(-1, k)[:rows])
 
 
 def last_observation(
@@ -537,9 +629,11 @@ def build_observations(
 ) -> Observations:
     """Standardise features (n, N) per candle, then aggregate over both windows; invalid rows -> 0."""
     z = standardizer.transform(features)
-    macro = aggregate_window(z, macro_window)
-    micro = aggregate_window(z, micro_window)
-    valid = np.isfinite(macro).all(axis=1) & np.isfinite(micro).all(axis=1)
+    n, k = z.shape
+    # Written straight into float32: no float64 copy of either (n, 3N) matrix is ever held.
+    macro = np.empty((n, 3 * k), dtype=np.float32)
+    micro = np.empty((n, 3 * k), dtype=np.float32)
+    valid = _aggregate_into(z, macro_window, macro) & _aggregate_into(z, micro_window, micro)
     macro[~valid] = 0.0
     micro[~valid] = 0.0
-    return Observations(macro=macro.astype(np.float32), micro=micro.astype(np.float32), valid=valid)
+    return Observations(macro=macro, micro=micro, valid=valid)

@@ -151,13 +151,15 @@ def head_logits_all_positions(model: PolicyNet, macro_emb: torch.Tensor, micro_e
 
 @torch.no_grad()
 def probs_for_all_positions(
-    model: PolicyNet, macro_x: torch.Tensor, micro_x: torch.Tensor, batch_size: int = 65536
+    model: PolicyNet, macro_x: torch.Tensor, micro_x: torch.Tensor, batch_size: int = 4096
 ) -> torch.Tensor:
     """Eval-mode probabilities for every position state: (n, 3N) x2 -> (n, 3 positions, 3 actions).
 
     The encoders do not depend on the position, which takes only the values -1, 0, +1; so a whole
     period can be evaluated in batches and a sequential policy run then only indexes this table.
-    Index the position axis with `position + 1`.
+    Index the position axis with `position + 1`. Batches of 4096 rows keep each layer's activations
+    (4 MB for the 256-wide one) in cache: a year of rows ran ~2x faster on one thread than in batches of
+    65536, and the activations take a few MB instead of hundreds.
     """
     was_training = model.training
     model.eval()

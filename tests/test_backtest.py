@@ -7,6 +7,7 @@ marked at `from` and at every period candle's close.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from strategies.accounting import Ledger
 from strategies.actions import BUY, HOLD, SELL
 from strategies.backtest import (
     PERIODS_PER_YEAR,
@@ -23,9 +25,17 @@ from strategies.backtest import (
     TradeRecord,
     equity_metrics,
     period_rows,
+    run_actions,
     run_backtest,
 )
-from strategies.bundle import ModelBundle, PeriodError, backtest_period, period_probs, random_bundle
+from strategies.bundle import (
+    ModelBundle,
+    PeriodError,
+    backtest_period,
+    decision_probs,
+    period_probs,
+    random_bundle,
+)
 from strategies.candles import CANDLE_MS, parse_utc_date_ms
 from strategies.features import (
     Observations,
@@ -34,6 +44,7 @@ from strategies.features import (
     default_feature_spec,
     first_valid_row,
 )
+from strategies.objectives import is_decision_candle
 from strategies.policy import decision_uniforms, sample_action
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
@@ -467,3 +478,86 @@ def test_backtest_period_first_possible_start(window: pd.DataFrame, policy: tupl
     res = backtest_period(bundle, window, obs, int(ts[first_ok]), int(ts[first_ok + 10]), greedy=True, seed=0)
     assert isinstance(res, BacktestResult) and len(res.positions) == 10
     assert all(isinstance(t, TradeRecord) for t in res.trades)
+
+
+# --------------------------------------------------------------------------------------------------
+# the fast paths against the plain per-candle computation
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_actions_candle_by_candle(
+    actions: np.ndarray, ts: np.ndarray, opens: np.ndarray, closes: np.ndarray, mode: str, slippage_bps: float
+) -> tuple[list[TradeRecord], np.ndarray, np.ndarray, np.ndarray]:
+    """The ledger called at every candle, as run_actions did before it skipped the candles that cannot trade."""
+    ledger = Ledger(cash_quote=10_000.0)
+    trades, positions, taken, equity = [], [], [], [10_000.0]
+    for k in range(len(ts)):
+        action = int(actions[k, ledger.position + 1])
+        taken.append(action)
+        fill = ledger.apply_action(action, opens[k], COMMISSION, slippage_bps, mode)
+        if fill is not None:
+            trades.append(
+                TradeRecord(int(ts[k]), fill.side, fill.qty_base, fill.price, fill.fee_quote, fill.position_after)
+            )
+        positions.append(float(ledger.position))
+        equity.append(ledger.equity(closes[k]))
+    return trades, np.asarray(positions), np.asarray(taken), np.asarray(equity)
+
+
+@pytest.mark.parametrize("mode", ["long_short", "long_only"])
+@pytest.mark.parametrize("hold_share", [0.0, 0.98], ids=["busy", "mostly-hold"])
+def test_run_actions_equals_the_ledger_at_every_candle(
+    candles_2024: pd.DataFrame, mode: str, hold_share: float
+) -> None:
+    """Bit-identical trades, positions, actions and equity to calling the ledger at each of 20,000 candles."""
+    ts, opens, closes = _real_period(candles_2024, "2024-05-01", "2024-07-10")
+    rng = np.random.default_rng(11)
+    actions = rng.integers(0, 3, size=(len(ts), 3))
+    actions[rng.random(len(ts)) < hold_share] = HOLD
+    res = run_actions(actions, ts, opens, closes, mode=mode, commission=COMMISSION, slippage_bps=3.0)
+    trades, positions, taken, equity = _run_actions_candle_by_candle(actions, ts, opens, closes, mode, 3.0)
+    assert len(trades) > 100 and res.trades == trades
+    assert np.array_equal(res.positions, positions) and np.array_equal(res.actions, taken)
+    assert np.array_equal(res.policy_equity, equity)
+
+
+def test_run_actions_raises_the_ledgers_errors() -> None:
+    ts = T0 + CANDLE_MS * np.arange(6, dtype=np.int64)
+    opens, closes = np.full(6, 100.0), np.full(6, 101.0)
+    hold = np.zeros(6, dtype=np.int64)
+    with pytest.raises(ValueError, match="unknown position mode"):
+        run_actions(hold, ts, opens, closes, mode="sideways", commission=COMMISSION)
+    with pytest.raises(ValueError, match="commission"):
+        run_actions(hold, ts, opens, closes, mode="long_short", commission=1.5)
+    bad_close = closes.copy()
+    bad_close[4] = 0.0
+    with pytest.raises(ValueError, match="price must be positive"):
+        run_actions(hold, ts, opens, bad_close, mode="long_short", commission=COMMISSION)
+    bad_open = opens.copy()
+    bad_open[3] = -1.0
+    with pytest.raises(ValueError, match="reference price must be positive"):
+        run_actions(hold, ts, bad_open, closes, mode="long_short", commission=COMMISSION)
+    with pytest.raises(ValueError, match="unknown action"):
+        run_actions(np.array([0, 1, 0, 7, 0, 0]), ts, opens, closes, mode="long_short", commission=COMMISSION)
+
+
+def test_decision_probs_run_the_network_only_at_decision_candles(
+    window: pd.DataFrame, policy: tuple[ModelBundle, Observations]
+) -> None:
+    """With K = 12 the decision rows equal period_probs' rows; the others are HOLD with certainty."""
+    bundle, obs = policy
+    ts = window["ts_ms"].to_numpy()
+    i0, i1 = period_rows(ts, FROM, TO)
+    k12 = dataclasses.replace(bundle, decide_every=12)
+    full, fast = period_probs(k12, obs, i0, i1), decision_probs(k12, obs, ts, i0, i1)
+    decides = np.asarray(is_decision_candle(ts[i0:i1] - CANDLE_MS, 12))
+    assert 0 < decides.sum() < len(decides)
+    np.testing.assert_allclose(fast[decides], full[decides], rtol=0, atol=1e-7)
+    assert (fast[~decides, :, HOLD] == 1.0).all() and (fast[~decides].sum(axis=2) == 1.0).all()
+    for greedy in (False, True):
+        via_table = run_backtest(
+            full, ts[i0:i1], window["open"].to_numpy()[i0:i1], window["close"].to_numpy()[i0:i1],
+            mode="long_short", commission=COMMISSION, greedy=greedy, seed=SEED, decide_every=12,
+        )  # fmt: skip
+        res = backtest_period(k12, window, obs, FROM, TO, greedy=greedy, seed=SEED)
+        assert res.trades == via_table.trades and np.array_equal(res.actions, via_table.actions)

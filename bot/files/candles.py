@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import structlog
 
@@ -162,6 +163,13 @@ def load_candles_with_gaps(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, 
     """Like load_candles, but return the gaps instead of logging them."""
     path = Path(path)
     kind = _kind(path)
+    fast = _read_csv_fast(path, kind) if kind != "parquet" else None
+    if fast is not None:
+        df = fast.rename(columns=_TO_MEMORY)
+        try:
+            return _to_memory_types(df), validate_candles(df, line_offset=2)
+        except CandleValidationError:
+            pass  # the exact path below reads the file again and reports the problem as it always has
     raw = _read_raw(path, kind)
     if "ts_ms" in map(str, raw.columns):
         # `ts_ms` is the in-memory name only; accepting it too would make two file formats.
@@ -175,11 +183,41 @@ def load_candles_with_gaps(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, 
         if "column" in problem:
             problem = problem.replace(", ".join(COLUMNS), ", ".join(FILE_COLUMNS)).replace("ts_ms", "timestamp")
         raise CandleFileError(path, problem) from None
+    return _to_memory_types(df), gaps
+
+
+def _to_memory_types(df: pd.DataFrame) -> pd.DataFrame:
+    """The validated candles as ts_ms int64 + float64 OHLCV, in COLUMNS order, with a fresh index."""
     df = df[list(COLUMNS)].copy()
     df["ts_ms"] = pd.to_numeric(df["ts_ms"]).astype("int64")
     for col in VALUE_COLUMNS:
         df[col] = pd.to_numeric(df[col]).astype("float64")
-    return df.reset_index(drop=True), gaps
+    return df.reset_index(drop=True)
+
+
+def _read_csv_fast(path: Path, kind: str) -> pd.DataFrame | None:
+    """A well-formed candle CSV through pyarrow's reader, or None for anything else (the caller then reads the
+    file with the C parser, whose errors it reports).
+
+    The C parser in round-trip mode takes ~200 ms for a year of candles, pyarrow ~70 ms. Both give the nearest
+    double to each decimal string: bit-identical frames for every file in ../shared/data, and the same doubles
+    as Python's float() for 200,000 random decimals of up to 24 digits (pyarrow 26). Only the plain shape is
+    accepted here: exactly FILE_COLUMNS, an integer timestamp and numeric values.
+    """
+    try:
+        # One thread and the system allocator: pyarrow's own pool and reader threads would keep ~30 MB more
+        # resident for the rest of the process, for a 10 ms gain. (A .gz name makes pyarrow decompress.)
+        table = pa_csv.read_csv(
+            path, read_options=pa_csv.ReadOptions(use_threads=False), memory_pool=pa.system_memory_pool()
+        )
+        df = table.to_pandas()
+    except Exception:  # any failure falls back to the exact path, which reports it
+        return None
+    if list(map(str, df.columns)) != list(FILE_COLUMNS) or df.dtypes.iloc[0] != np.int64:
+        return None
+    if not all(pd.api.types.is_float_dtype(t) or pd.api.types.is_integer_dtype(t) for t in df.dtypes.iloc[1:]):
+        return None
+    return df
 
 
 def _decimal_strings(values: np.ndarray) -> list[str]:
