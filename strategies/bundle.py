@@ -143,9 +143,9 @@ def decision_probs(bundle: ModelBundle, obs: Observations, ts_ms: np.ndarray, i0
     imposes HOLD there); those rows are HOLD with probability 1 here, which saves (K-1)/K of the network.
     ts_ms: (n,) open times of all candles (the rows of obs).
     """
-    _check_period_rows(bundle, obs, i0, i1)
     if bundle.decide_every <= 1:
-        return _probs(bundle, obs.macro[i0 - 1 : i1 - 1], obs.micro[i0 - 1 : i1 - 1])
+        return period_probs(bundle, obs, i0, i1)
+    _check_period_rows(bundle, obs, i0, i1)
     # As run_backtest: decision k is keyed by the candle before period candle k (its open minus 5 minutes).
     decides = np.asarray(is_decision_candle(np.asarray(ts_ms[i0:i1], dtype=np.int64) - CANDLE_MS, bundle.decide_every))
     rows = np.flatnonzero(decides)

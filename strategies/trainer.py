@@ -204,6 +204,16 @@ def config_rewards(
     )
 
 
+def rest_parameters(model: PolicyNet) -> list[torch.nn.Parameter]:
+    """MicroNet's and the decision head's parameters: what learns at every update (MacroNet every macro_every)."""
+    return list(model.micro.parameters()) + list(model.head.parameters())
+
+
+def make_optimizers(model: PolicyNet, cfg: TrainConfig) -> tuple[Adam, Adam]:
+    """The rhythm's two optimisers: Adam over MacroNet at lr_macro, Adam over the rest at lr_rest."""
+    return Adam(model.macro.parameters(), lr=cfg.lr_macro), Adam(rest_parameters(model), lr=cfg.lr_rest)
+
+
 def dropout_seed(seed: int, k: int) -> int:
     """The dropout seed of update k: (seed, k) fix the masks, so an update redone (resume, crash) is the same."""
     return int(seed) * 1_000_003 + int(k)
@@ -257,7 +267,7 @@ def apply_gradients(
     """Step the optimisers on the gradients a backward pass left, under the rhythm: (applied, norm macro, norm
     rest). Nothing steps when the loss or a gradient norm is not finite. The model is left in eval mode."""
     model.eval()
-    rest_params = list(model.micro.parameters()) + list(model.head.parameters())
+    rest_params = rest_parameters(model)
     macro_params = list(model.macro.parameters())
     grad_norm_macro = _grad_norm(macro_params) if learn_macro else 0.0
     grad_norm_rest = _grad_norm(rest_params)
@@ -343,9 +353,7 @@ class Trainer:
         self.cfg.validate()
         if self.start_rows.numel() == 0:
             raise ValueError("no episode fits in the training period: shorten episode_steps or widen the period")
-        self.opt_macro = Adam(self.model.macro.parameters(), lr=self.cfg.lr_macro)
-        self.rest_params = list(self.model.micro.parameters()) + list(self.model.head.parameters())
-        self.opt_rest = Adam(self.rest_params, lr=self.cfg.lr_rest)
+        self.opt_macro, self.opt_rest = make_optimizers(self.model, self.cfg)
         self.env = VectorTradingEnv(
             self.open_prices,
             self.close_prices,

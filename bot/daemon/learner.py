@@ -76,6 +76,7 @@ from strategies.trainer import (
     dropout_seed,
     expected_objective_step,
     is_macro_update,
+    make_optimizers,
     policy_gradient_step,
     sample_rollout,
     sampled_objective_step,
@@ -199,10 +200,7 @@ class OnlineLearner:
 
     def _ensure_optimizers(self) -> tuple[Adam, Adam]:
         if self._optimizers is None:
-            cfg = self.train_config
-            opt_macro = Adam(self.model.macro.parameters(), lr=cfg.lr_macro)
-            rest = list(self.model.micro.parameters()) + list(self.model.head.parameters())
-            opt_rest = Adam(rest, lr=cfg.lr_rest)
+            opt_macro, opt_rest = make_optimizers(self.model, self.train_config)
             if self._optimizer_state is not None:
                 opt_macro.load_state_dict(self._optimizer_state["macro"])
                 opt_rest.load_state_dict(self._optimizer_state["rest"])
