@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("bot.commands.run", "run the daemon: paper trading, --once, or --replay FILE"),
     "status": ("bot.commands.status", "what the daemon's state says: position, equity, episode, rhythm, halt"),
     "resume": ("bot.commands.status", "clear a drawdown halt so trading resumes at the next candle"),
+    "trades": ("bot.commands.trades", "the fills of a state: time, side, quantity, price, fee, P&L"),
+    "serve": ("bot.commands.serve", "web dashboard and JSON API over the daemon's state, with control actions"),
 }
 
 

@@ -40,7 +40,8 @@ LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # systemd credential names (LoadCredential=NAME:PATH) for the secret settings.
 CREDENTIAL_NAMES = {"api_key": "ritmo_api_key", "api_secret": "ritmo_api_secret"}
-SECRET_FIELDS = frozenset(CREDENTIAL_NAMES)
+# Fields whose values are masked in redacted() and handed to the log redactor.
+SECRET_FIELDS = frozenset({*CREDENTIAL_NAMES, "api_token", "notify_urls"})
 # Keys inside RITMO_EXCHANGE_CONFIG whose values are masked in redacted() and fed to the log redactor.
 _SECRET_KEY_RE = re.compile(r"key|secret|password|token|uid|privatekey|passphrase", re.IGNORECASE)
 # user:password@ inside a proxy URL.
@@ -120,6 +121,14 @@ class Settings:
     """auto (JSON unless stdout is a TTY), json or console."""
     log_level: str = "INFO"
     """DEBUG, INFO, WARNING or ERROR (the ccxt logger never goes below INFO)."""
+    notify_urls: tuple[str, ...] = ()
+    """Apprise URLs notifications are sent to (Telegram, Discord, Slack, ntfy, mailto, json://...); secret."""
+    api_token: str = ""
+    """Bearer token of `ritmo serve`'s control actions (secret); empty = control actions refused."""
+    serve_host: str = "127.0.0.1"
+    """Address `ritmo serve` binds; a non-loopback address needs RITMO_API_TOKEN."""
+    serve_port: int = 8080
+    """TCP port of `ritmo serve`."""
 
     def redacted(self) -> dict[str, Any]:
         """JSON-able view of the settings with secrets masked, for `ritmo status` and logs."""
@@ -137,7 +146,13 @@ class Settings:
 
     def secret_values(self) -> tuple[str, ...]:
         """Every secret string these settings hold, for the log redaction processor."""
-        values = [self.api_key, self.api_secret, *_config_secrets(self.exchange_config)]
+        values = [
+            self.api_key,
+            self.api_secret,
+            self.api_token,
+            *_config_secrets(self.exchange_config),
+            *(part for url in self.notify_urls for part in notify_url_secrets(url)),
+        ]
         # Short strings under secret-looking config keys are options, not credentials; masking them
         # everywhere would mangle unrelated log text.
         return tuple(dict.fromkeys(v for v in values if len(v) >= _MIN_SECRET_LEN))
@@ -304,6 +319,38 @@ def _parse_secret(name: str, raw: str) -> str:
     return value
 
 
+def _parse_notify_urls(name: str, raw: str) -> tuple[str, ...]:
+    urls = tuple(u for u in re.split(r"[\s,]+", raw.strip()) if u)
+    for i, url in enumerate(urls, 1):
+        if not re.match(r"^[a-z][a-z0-9+.-]*://\S+$", url, re.IGNORECASE):
+            # Never echo the value: a notification URL carries a bot token or a password.
+            raise ConfigError(
+                f"{name} is invalid (value not shown): URL {i} of {len(urls)} is not an Apprise URL such as "
+                "tgram://BOT_TOKEN/CHAT_ID, ntfy://TOPIC or json://host/path"
+            )
+    return urls
+
+
+def _parse_host(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not re.match(r"^[A-Za-z0-9.:_-]+$", value):
+        raise _invalid(name, raw, "a host name or IP address such as 127.0.0.1, ::1 or 0.0.0.0")
+    return value
+
+
+def notify_url_secrets(url: str) -> list[str]:
+    """The parts of an Apprise URL that may be credentials (the whole URL, its user info, host and path parts)."""
+    _, _, rest = url.partition("://")
+    parts = [url, rest]
+    rest = rest.split("?", 1)[0]
+    userinfo, _, hostpath = rest.rpartition("@")
+    parts += re.split(r"[:@]", userinfo) if userinfo else []
+    parts += [p for p in hostpath.split("/") if p]
+    # Query values (?token=..., ?pass=...) as well.
+    parts += [v for _, _, v in (q.partition("=") for q in url.partition("?")[2].split("&")) if v]
+    return [p for p in parts if len(p) >= _MIN_SECRET_LEN]
+
+
 def _parse_symbol(name: str, raw: str) -> str:
     value = raw.strip()
     if not _SYMBOL_RE.match(value):
@@ -386,6 +433,10 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "misfire_grace_s": _parse_int(1, _CANDLE_S - 1),
     "log_format": _parse_choice(LOG_FORMATS),
     "log_level": _parse_choice(LOG_LEVELS, upper=True),
+    "notify_urls": _parse_notify_urls,
+    "api_token": _parse_secret,
+    "serve_host": _parse_host,
+    "serve_port": _parse_int(1, 65535),
 }
 
 

@@ -48,10 +48,29 @@ def test_defaults() -> None:
     assert (s.episode_steps, s.min_episode_steps, s.macro_every, s.keep_checkpoints) == (288, 48, 11, 5)
     assert (s.seed, s.tick_delay_s, s.misfire_grace_s) == (0, 5, 120)
     assert (s.log_format, s.log_level) == ("auto", "INFO")
+    assert (s.notify_urls, s.api_token, s.serve_host, s.serve_port) == ((), "", "127.0.0.1", 8080)
+
+
+def test_notify_urls_are_parsed_masked_and_fed_to_the_redactor() -> None:
+    s = load({"RITMO_NOTIFY_URLS": "tgram://123456:ABCDEFsecret/987654, json://127.0.0.1:9/hook?token=s3cretvalue"})
+    assert s.notify_urls == ("tgram://123456:ABCDEFsecret/987654", "json://127.0.0.1:9/hook?token=s3cretvalue")
+    assert s.redacted()["notify_urls"] == "***"
+    assert "ABCDEFsecret" not in repr(s)
+    secrets = s.secret_values()
+    assert "123456:ABCDEFsecret" in secrets and "s3cretvalue" in secrets
+    with pytest.raises(ConfigError) as err:
+        load({"RITMO_NOTIFY_URLS": "not-a-url-but-a-Secret"})
+    assert "Secret" not in str(err.value) and "RITMO_NOTIFY_URLS" in str(err.value)
+
+
+def test_api_token_is_a_secret() -> None:
+    s = load({"RITMO_API_TOKEN": "tok-0123456789abcdef"})
+    assert s.api_token == "tok-0123456789abcdef"
+    assert "tok-0123456789abcdef" not in repr(s) and "tok-0123456789abcdef" in s.secret_values()
 
 
 def test_every_field_has_a_known_key() -> None:
-    assert len(KNOWN_KEYS) == len(fields(Settings)) == 28  # 26 + the learning guard's two floors
+    assert len(KNOWN_KEYS) == len(fields(Settings)) == 32  # 26 + the learning guard's two floors + the cockpit's four
 
 
 def test_environment_wins_over_file(tmp_path: Path) -> None:
@@ -161,6 +180,10 @@ BAD_VALUES = [
     ("RITMO_CHECKPOINT", "a\0b", "path"),
     ("RITMO_API_KEY", "two words", "whitespace"),
     ("RITMO_API_SECRET", "tab\there", "whitespace"),
+    ("RITMO_API_TOKEN", "two words", "whitespace"),
+    ("RITMO_NOTIFY_URLS", "telegram-bot", "Apprise URL"),
+    ("RITMO_SERVE_HOST", "http://0.0.0.0/", "host name or IP address"),
+    ("RITMO_SERVE_PORT", "0", "1 to 65535"),
 ]
 
 

@@ -54,7 +54,7 @@ from strategies.accounting import Fill
 if TYPE_CHECKING:  # the journal records brokers' intents; the state itself never trades
     from bot.brokers.base import OrderIntent
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # The columns after `status` of the decisions table, the same in every schema version.
 _DECISION_COLUMNS = """    action INTEGER CHECK (action IN (0, 1, 2)),
@@ -213,16 +213,53 @@ ALTER TABLE episode_steps ADD COLUMN settle_close REAL;
 ALTER TABLE episode_steps ADD COLUMN volatility REAL
 """.replace("{decision_columns}", _DECISION_COLUMNS).replace("{update_columns}", _UPDATE_COLUMNS)
 
+# v4: the operator's cockpit. `commands`: control actions (`ritmo serve`, the CLI) that the daemon applies at
+# its next tick, in the tick's transaction, with who asked and when. `outbox`: notifications written in the
+# transaction of what they report and sent by a background thread with retries (docs/design.md §13).
+_MIGRATION_V4 = """
+CREATE TABLE commands (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL CHECK (kind IN ('pause', 'resume', 'flatten', 'clear_halt')),
+    requested_by TEXT NOT NULL,
+    requested_at_ms INTEGER NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'applied', 'rejected')),
+    applied_at_ms INTEGER,
+    candle_ts_ms INTEGER,
+    result TEXT
+);
+CREATE INDEX commands_pending ON commands (id) WHERE status = 'pending';
+
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    title TEXT NOT NULL,
+    body TEXT NOT NULL,
+    level TEXT NOT NULL DEFAULT 'info' CHECK (level IN ('info', 'success', 'warning', 'failure')),
+    created_at_ms INTEGER NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL,
+    last_error TEXT,
+    sent_at_ms INTEGER
+);
+CREATE INDEX outbox_due ON outbox (next_attempt_ms) WHERE status = 'pending';
+CREATE INDEX events_kind ON events (kind, id)
+"""
+
 # version reached -> SQL that upgrades from the previous version (a new database gets v1, then each of these).
 MIGRATIONS: dict[int, str] = {
     # Live crash recovery asks, every tick, whether the candle already has an order.
     2: "CREATE INDEX orders_decision ON orders (decision_ts_ms)",
     3: _MIGRATION_V3,
+    4: _MIGRATION_V4,
 }
 
 # Blobs of episodes older than this many episodes are dropped once learned: they are only needed for
 # the update, and a year of 5-minute steps would otherwise be ~50 MB of observations.
 KEEP_EPISODE_BLOBS = 10
+
+# Control commands an operator may queue for the daemon (docs/design.md §13).
+COMMAND_KINDS = ("pause", "resume", "flatten", "clear_halt")
 
 
 class StateError(RitmoError):
@@ -614,6 +651,41 @@ class StateStore:
             {"id": r[0], "at_ms": r[1], "candle_ts_ms": r[2], "kind": r[3], "detail": json.loads(r[4] or "{}")}
             for r in rows
         ]
+
+    # --- operator commands and notifications (docs/design.md §13) --------------------------------
+
+    def add_command(self, kind: str, requested_by: str) -> int:
+        """Queue a control command (pause, resume, flatten, clear_halt) for the daemon's next tick; its id."""
+        if kind not in COMMAND_KINDS:
+            raise ValueError(f"unknown command {kind!r}: expected one of {', '.join(COMMAND_KINDS)}")
+        cur = self.conn.execute(
+            "INSERT INTO commands (kind, requested_by, requested_at_ms) VALUES (?, ?, ?)",
+            (kind, requested_by, wall_ms()),
+        )
+        return int(cur.lastrowid or 0)
+
+    def pending_commands(self) -> list[dict[str, Any]]:
+        """Commands not applied yet, oldest first."""
+        cur = self.conn.execute("SELECT * FROM commands WHERE status = 'pending' ORDER BY id")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def finish_command(
+        self, command_id: int, status: str, result: dict[str, Any] | None = None, candle_ts_ms: int | None = None
+    ) -> None:
+        """Mark a command applied (or rejected, with the reason in `result`)."""
+        self.conn.execute(
+            "UPDATE commands SET status = ?, applied_at_ms = ?, candle_ts_ms = ?, result = ? WHERE id = ?",
+            (status, wall_ms(), candle_ts_ms, json.dumps(result or {}, default=str), command_id),
+        )
+
+    def enqueue_notification(self, kind: str, title: str, body: str, level: str = "info") -> None:
+        """Put one notification in the outbox (sent after the commit by the outbox sender)."""
+        now = wall_ms()
+        self.conn.execute(
+            "INSERT INTO outbox (kind, title, body, level, created_at_ms, next_attempt_ms) VALUES (?, ?, ?, ?, ?, ?)",
+            (kind, title, body, level, now, now),
+        )
 
     # --- helpers --------------------------------------------------------------------------------
 
