@@ -23,6 +23,12 @@ class RitmoError(Exception):
     exit_code = EXIT_RUNTIME
 
 
+class UsageError(RitmoError):
+    """The command line asks for something impossible (reversed dates, a period outside the data): exit 2."""
+
+    exit_code = EXIT_USAGE
+
+
 class ConfigError(RitmoError):
     """A setting is missing or invalid; the message names the setting."""
 
