@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from bot.errors import EXIT_RUNTIME, RitmoError
-from bot.logs import configure_logging
+
+# Exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
 
 # subcommand -> (module with add_arguments(parser) and main(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -35,6 +40,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """
     chosen = _command_in(argv) if argv is not None else None
     parser = argparse.ArgumentParser(prog="ritmo", description="ritmo: RL trading daemon for 5-minute candles")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -53,21 +59,62 @@ def _command_in(argv: Sequence[str]) -> str | None:
     return None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse, run the command, turn our errors into one line and an exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
-    if getattr(args._module, "CONFIGURES_LOGGING", False) is False:
-        # Offline commands print results (JSON, tables) on stdout: their logs go to stderr.
-        configure_logging(fmt=os.environ.get("RITMO_LOG_FORMAT", "auto") or "auto", stream=sys.stderr)
+def version() -> str:
+    """ritmo's version: the installed distribution's, else pyproject.toml's (a source checkout run in place)."""
+    from importlib import metadata
+
     try:
+        return metadata.version("ritmo")
+    except metadata.PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        try:
+            return str(tomllib.loads(pyproject.read_text())["project"]["version"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """`ritmo --version`: looked up only when asked (reading the package metadata costs every other command)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: str | None = None) -> None:
+        print(f"ritmo {version()}")
+        parser.exit()
+
+
+def _error_line(command: str, text: str) -> None:
+    """Print `ritmo COMMAND: text` on stderr; at journald's priority err when stderr is the journal."""
+    from bot.logs import journal_prefix
+
+    print(f"{journal_prefix(sys.stderr, logging.ERROR)}ritmo {command}: {text}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, run the command, turn our errors into one line and an exit code.
+
+    Ctrl-C at any point, the imports of the chosen command (torch: seconds) included, is one line and 130.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_in(argv) or "?"
+    try:
+        args = build_parser(argv).parse_args(argv)
+        command = args.command
+        if getattr(args._module, "CONFIGURES_LOGGING", False) is False:
+            from bot.logs import configure_logging
+
+            # Offline commands print results (JSON, tables) on stdout: their logs go to stderr.
+            configure_logging(fmt=os.environ.get("RITMO_LOG_FORMAT", "auto") or "auto", stream=sys.stderr)
         return int(args._module.main(args) or 0)
     except RitmoError as exc:
-        print(f"ritmo {args.command}: error: {exc}", file=sys.stderr)
+        _error_line(command, f"error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"ritmo {args.command}: interrupted", file=sys.stderr)
-        return 130
+        _error_line(command, "interrupted")
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_RUNTIME
 

@@ -6,11 +6,19 @@ ConsoleRenderer is used; `RITMO_LOG_FORMAT` forces either. Every record, ours or
 through one `ProcessorFormatter`, so redaction happens in one place and twice over: on the event dict
 (field values, nested strings, the formatted exception) and on the final rendered line (anything a
 renderer added, e.g. the repr of an object passed as a field).
+
+journald priorities (docs/design.md §8): when the stream is connected to the journal, every line starts with
+its syslog priority, `<3>` for an error, `<4>` a warning, `<6>` info, `<7>` debug. systemd strips the prefix
+and stores the line at that priority (`SyslogLevelPrefix=`, on by default), so `journalctl -u ritmo -p
+warning` shows exactly the warnings and errors, ours and the libraries'. The stream is the journal when
+`$JOURNAL_STREAM` ("DEV:INODE", set by systemd) names its file descriptor, as systemd.exec(5) documents; a
+terminal, a pipe or a file never sees a prefix.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import urllib.parse
@@ -45,6 +53,56 @@ _SECRET_PAIR_RE = re.compile(
 # The marker by which configure_logging recognises the handler it installed earlier.
 _HANDLER_NAME = "ritmo"
 _LEADING_KEYS = ("timestamp", "level", "event", "logger")
+# syslog priorities (sd-daemon(3)) of the standard library's levels, highest level first.
+_SYSLOG_PRIORITIES = (
+    (logging.CRITICAL, 2),
+    (logging.ERROR, 3),
+    (logging.WARNING, 4),
+    (logging.INFO, 6),
+)
+_SYSLOG_DEBUG = 7
+
+
+def syslog_priority(levelno: int) -> int:
+    """The syslog priority of a logging level: CRITICAL 2, ERROR 3, WARNING 4, INFO 6, DEBUG (and below) 7."""
+    for threshold, priority in _SYSLOG_PRIORITIES:
+        if levelno >= threshold:
+            return priority
+    return _SYSLOG_DEBUG
+
+
+def is_journal_stream(stream: TextIO, env: Mapping[str, str] | None = None) -> bool:
+    """Whether `stream` is connected to journald: its file's device and inode are the ones in $JOURNAL_STREAM.
+
+    systemd sets JOURNAL_STREAM for a service whose stdout or stderr goes to the journal; a child whose
+    output was redirected elsewhere inherits the variable, hence the comparison with the descriptor itself.
+    """
+    raw = (os.environ if env is None else env).get("JOURNAL_STREAM", "")
+    dev, sep, ino = raw.partition(":")
+    if not sep or not dev.isdigit() or not ino.isdigit():
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # no descriptor (StringIO), closed, detached
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+def journal_prefix(stream: TextIO, levelno: int) -> str:
+    """`<N>` for a line of this level written to `stream` when it is the journal, else ""."""
+    return f"<{syslog_priority(levelno)}>" if is_journal_stream(stream) else ""
+
+
+class _JournalPriorityFormatter(structlog.stdlib.ProcessorFormatter):
+    """ProcessorFormatter that starts every output line with the record's `<N>` syslog priority.
+
+    Every line, not only the first: a console-rendered traceback spans several lines and journald stores
+    each line as an entry of its own.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
 
 
 class Redactor:
@@ -143,7 +201,9 @@ def configure_logging(
         # No colours when console output is forced into a pipe or journald.
         renderer = structlog.dev.ConsoleRenderer(colors=_is_tty(stream))
         ordering = []  # ConsoleRenderer lays out timestamp, level and event itself
-    formatter = structlog.stdlib.ProcessorFormatter(
+    # Decided once here: systemd does not move a running service's output to or from the journal.
+    formatter_class = _JournalPriorityFormatter if is_journal_stream(stream) else structlog.stdlib.ProcessorFormatter
+    formatter = formatter_class(
         foreign_pre_chain=foreign_pre_chain,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,

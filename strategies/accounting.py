@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
 from strategies.actions import ACTIONS, BUY, HOLD, SELL, validate_position_mode
 
@@ -71,10 +70,12 @@ def _any(x: Any) -> bool:
 
 def _sign(x: Any) -> Any:
     """Sign of a float (-1, 0, 1 as int), a numpy array or a torch tensor."""
-    if isinstance(x, torch.Tensor):
-        return torch.sign(x)
     if isinstance(x, np.ndarray | np.generic):
         return np.sign(x)
+    if hasattr(x, "sign"):
+        # A torch tensor (Tensor.sign): duck-typed so that the ledger never imports torch (`ritmo serve` and
+        # `ritmo status` stay light).
+        return x.sign()
     return (x > 0) - (x < 0)
 
 

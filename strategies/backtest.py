@@ -69,6 +69,7 @@ class BacktestResult:
     positions: np.ndarray  # (n,) position held during each period candle
     actions: np.ndarray  # (n,) action taken at each decision
     trades: list[TradeRecord] = field(default_factory=list)
+    hold_trades: list[TradeRecord] = field(default_factory=list)  # buy-and-hold's one buy at the first open
     policy: Metrics | None = None
     buy_and_hold: Metrics | None = None
     flat: Metrics | None = None
@@ -197,7 +198,9 @@ def run_actions(
     held_before = np.concatenate([[0], positions[:-1]]).astype(np.int64)
     taken = actions[np.arange(n), held_before + 1]  # (n,) the action read for the position held
 
-    hold_equity, hold_metrics = _buy_and_hold(open_prices, close_prices, commission, slippage_bps, initial_cash, mode)
+    hold_equity, hold_metrics, hold_trades = _buy_and_hold(
+        ts_ms, open_prices, close_prices, commission, slippage_bps, initial_cash, mode
+    )
     flat_equity = np.full(n + 1, float(initial_cash))
     result = BacktestResult(
         equity_ts_ms=np.concatenate([[decision_ts[0] + 300_000], np.asarray(ts_ms, dtype=np.int64) + 300_000]),
@@ -207,6 +210,7 @@ def run_actions(
         positions=positions,
         actions=taken,
         trades=trades,
+        hold_trades=hold_trades,
     )
     result.policy = equity_metrics(equity, positions, len(trades), ledger.turnover_quote, ledger.fees_quote)
     result.buy_and_hold = hold_metrics
@@ -235,21 +239,27 @@ def _stop_rows(actions: np.ndarray, open_prices: np.ndarray, close_prices: np.nd
 
 
 def _buy_and_hold(
+    ts_ms: np.ndarray,
     open_prices: np.ndarray,
     close_prices: np.ndarray,
     commission: float,
     slippage_bps: float,
     initial_cash: float,
     mode: str,
-) -> tuple[np.ndarray, Metrics]:
-    """Buy at the first period open with the same accounting, hold, mark at every close."""
+) -> tuple[np.ndarray, Metrics, list[TradeRecord]]:
+    """Buy at the first period open with the same accounting, hold, mark at every close; also its one trade."""
     ledger = Ledger(cash_quote=float(initial_cash))
-    ledger.apply_action(BUY, float(open_prices[0]), commission, slippage_bps, mode)
+    fill = ledger.apply_action(BUY, float(open_prices[0]), commission, slippage_bps, mode)
     equity = np.concatenate([[initial_cash], ledger.cash_quote + ledger.qty_base * np.asarray(close_prices)])
     metrics = equity_metrics(
         equity, np.ones(len(close_prices)), ledger.n_trades, ledger.turnover_quote, ledger.fees_quote
     )
-    return equity, metrics
+    trades = []
+    if fill is not None:
+        trades.append(
+            TradeRecord(int(ts_ms[0]), fill.side, fill.qty_base, fill.price, fill.fee_quote, fill.position_after)
+        )
+    return equity, metrics, trades
 
 
 def period_rows(ts_ms: np.ndarray, from_ms: int, to_ms: int) -> tuple[int, int]:

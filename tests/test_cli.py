@@ -65,10 +65,11 @@ def _backtest_argv(data: Path, date_from: str = "2024-01-01", date_to: str = "20
     return ["backtest", "--random-init", "--data", str(data), "--from", date_from, "--to", date_to, *extra]
 
 
-def _assert_one_error_line(code: int, out: str, err: str, *needles: str) -> str:
-    """Exit 1, nothing on stdout, one stderr line `ritmo backtest: error: ...` holding every needle."""
+def _assert_one_error_line(code: int, out: str, err: str, *needles: str, expected_code: int = 1) -> str:
+    """Exit 1 (or `expected_code`: 2 for usage errors), nothing on stdout, one stderr line `ritmo backtest:
+    error: ...` holding every needle."""
     assert "Traceback" not in out + err, err
-    assert code == 1, (code, err)
+    assert code == expected_code, (code, err)
     assert out == ""
     lines = err.splitlines()
     assert len(lines) == 1 and err.endswith("\n"), err
@@ -322,13 +323,30 @@ def test_malformed_candle_file_is_one_clear_line(tmp_path: Path, writer: Callabl
     ],
 )
 def test_bad_dates_are_one_clear_line(data_path: Path, date_from: str, date_to: str, problem: str) -> None:
+    """Dates that do not parse and reversed or empty periods are usage errors: exit 2."""
     code, out, err = _run(_backtest_argv(data_path, date_from, date_to))
-    _assert_one_error_line(code, out, err, problem)
+    _assert_one_error_line(code, out, err, problem, expected_code=2)
 
 
-def test_period_outside_the_data_is_one_clear_line(data_path: Path) -> None:
-    code, out, err = _run(_backtest_argv(data_path, "2025-03-01", "2025-04-01"))
-    _assert_one_error_line(code, out, err, "no candles")
+@pytest.mark.parametrize(("date_from", "date_to"), [("2025-03-01", "2025-04-01"), ("2023-01-01", "2023-06-01")])
+def test_period_outside_the_data_is_one_clear_line(data_path: Path, date_from: str, date_to: str) -> None:
+    code, out, err = _run(_backtest_argv(data_path, date_from, date_to))
+    _assert_one_error_line(
+        code, out, err, "holds no candles", "(it holds 2024-01-01 00:00 .. 2025-01-01 00:00 UTC)", expected_code=2
+    )
+
+
+def test_a_to_past_the_data_is_clipped_and_shown(data_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--to after the last candle: a warning `period_clipped` on stderr, the period used in the output."""
+    code, out, err = _run(_backtest_argv(data_path, "2024-12-30", "2025-03-01", "--json"))
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["to"] == "2025-01-01T00:00:00+00:00" and doc["candles"] == 2 * 288
+    warnings = [json.loads(line) for line in err.splitlines() if "period_clipped" in line]
+    assert len(warnings) == 1 and warnings[0]["level"] == "warning"
+    assert warnings[0]["requested"] == "2025-03-01 00:00" and warnings[0]["used"] == "2025-01-01 00:00"
+    code, out, err = _run(_backtest_argv(data_path, "2024-12-30", "2025-03-01"))
+    assert code == 0 and out.startswith("backtest 2024-12-30T00:00:00+00:00 .. 2025-01-01T00:00:00+00:00"), out
 
 
 @pytest.fixture(scope="module")
@@ -357,7 +375,11 @@ def test_not_enough_warm_up_with_random_init_is_one_clear_line(
         "inside-warm-up": (data_path, "2024-01-02", "2024-01-10"),
     }[where]
     code, out, err = _run(_backtest_argv(data, date_from, date_to))
-    _assert_one_error_line(code, out, err, "warm-up")
+    line = _assert_one_error_line(code, out, err, "warm-up", "1265 candles of history", expected_code=2)
+    if where == "short-file":
+        assert "this data holds fewer candles than that" in line
+    else:  # the earliest --from: one candle after the 1265th candle of the file
+        assert "the earliest --from for this data is 2024-01-05 09:25 (UTC)" in line
 
 
 def test_not_enough_warm_up_with_a_checkpoint_is_one_clear_line(
@@ -365,7 +387,7 @@ def test_not_enough_warm_up_with_a_checkpoint_is_one_clear_line(
 ) -> None:
     argv = ["backtest", "--checkpoint", str(checkpoint_file), "--data", str(short_history_file)]
     code, out, err = _run([*argv, "--from", "2024-01-01T10:00", "--to", "2024-01-01T12:00"])
-    _assert_one_error_line(code, out, err, "warm-up")
+    _assert_one_error_line(code, out, err, "warm-up", expected_code=2)
     # one candle later than the first possible start runs fine; the first impossible one is refused
     first_ok = pd.Timestamp(int(candles_2024["ts_ms"].iloc[first_valid_row() + 1]), unit="ms").isoformat()
     one_short = pd.Timestamp(int(candles_2024["ts_ms"].iloc[first_valid_row()]), unit="ms").isoformat()
@@ -374,7 +396,10 @@ def test_not_enough_warm_up_with_a_checkpoint_is_one_clear_line(
     assert code == 0, err
     assert json.loads(out)["position_mode"] == "long_only"
     code, out, err = _run([*argv, "--from", one_short])
-    _assert_one_error_line(code, out, err, "warm-up")
+    first_ok_text = pd.Timestamp(first_ok).strftime("%Y-%m-%d %H:%M")
+    _assert_one_error_line(
+        code, out, err, "warm-up", f"earliest --from for this data is {first_ok_text}", expected_code=2
+    )
 
 
 @pytest.mark.parametrize("problem", ["missing", "garbage", "mode"])
@@ -390,7 +415,8 @@ def test_checkpoint_problems_are_one_clear_line(
         path.write_bytes(b"not a torch file")
     argv = ["backtest", "--checkpoint", str(path), "--data", str(data_path), "--from", "2024-11-01"]
     code, out, err = _run([*argv, "--to", "2024-11-02", *extra])
-    _assert_one_error_line(code, out, err, needle)
+    # A --mode the checkpoint contradicts is a usage error (2); an unreadable checkpoint a runtime one (1).
+    _assert_one_error_line(code, out, err, needle, expected_code=2 if problem == "mode" else 1)
 
 
 @pytest.mark.parametrize(
@@ -408,11 +434,10 @@ def test_checkpoint_problems_are_one_clear_line(
 )
 def test_bad_numbers_are_one_clear_line(data_path: Path, extra: list[str]) -> None:
     code, out, err = _run(_backtest_argv(data_path, "2024-11-01", "2024-11-02", *extra))
-    if code == 2:  # refused by argparse: usage line(s), then `ritmo backtest: error: argument --x: ...`
-        assert "Traceback" not in out + err and out == ""
-        assert err.splitlines()[-1].startswith(ERROR_PREFIX) and extra[0] in err.splitlines()[-1]
-    else:
-        _assert_one_error_line(code, out, err, extra[0])
+    # Usage errors (2): argparse's own (usage line(s), then `ritmo backtest: error: argument --x: ...`) or ours.
+    assert code == 2, (code, err)
+    assert "Traceback" not in out + err and out == ""
+    assert err.splitlines()[-1].startswith(ERROR_PREFIX) and extra[0] in err.splitlines()[-1]
 
 
 def test_long_only_random_init_never_shorts(data_path: Path) -> None:
@@ -460,3 +485,12 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
         main(["frobnicate"])
     assert exc.value.code == 2
     assert "usage: ritmo" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"ritmo {importlib.metadata.version('ritmo')}\n"

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 import bot.commands.download as download_mod
 from bot.commands.download import add_arguments, main
-from bot.errors import CandleFileError, ConfigError, OperationalExchangeError, TemporaryExchangeError
+from bot.errors import CandleFileError, ConfigError, OperationalExchangeError, TemporaryExchangeError, UsageError
 from bot.exchange.client import ExchangeClient
 from bot.files.candles import load_candles, save_candles
 from bot.offline.history import download_candles
@@ -339,6 +339,12 @@ def test_cli_main_with_namespace(tmp_path: Path, patched: list) -> None:
     assert len(load_candles(out)) == 12
 
 
+def test_cli_main_reversed_period_is_a_usage_error(tmp_path: Path, patched: list) -> None:
+    with pytest.raises(UsageError, match="--until must be after --since"):
+        main(_namespace(tmp_path / "x.csv", since="2024-01-02", until="2024-01-01"))
+    assert UsageError.exit_code == 2
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
@@ -346,7 +352,6 @@ def test_cli_main_with_namespace(tmp_path: Path, patched: list) -> None:
         ({"since": "2024-02-30"}, "--since: invalid date '2024-02-30'"),
         ({"exchange_config": "{not json"}, "--exchange-config is not valid JSON"),
         ({"exchange_config": "[1, 2]"}, "--exchange-config must be a JSON object"),
-        ({"since": "2024-01-02", "until": "2024-01-01"}, "empty period"),
     ],
 )
 def test_cli_main_config_errors(tmp_path: Path, patched: list, overrides: dict, match: str) -> None:

@@ -30,10 +30,10 @@ import pytest
 import torch
 
 from bot.commands import run as runner
-from bot.commands.status import collect_status
 from bot.daemon import service
 from bot.daemon.feed import last_closed_open_ms
 from bot.daemon.market import ExchangeMarketData
+from bot.daemon.report import collect_status
 from bot.daemon.state import StateStore, open_state_readonly
 from bot.daemon.tick import Daemon, TickOutcome
 from bot.errors import EXIT_NOPERM, AuthenticationExchangeError

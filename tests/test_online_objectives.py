@@ -340,7 +340,7 @@ def test_bad_guard_setting_stops_with_exit_78(
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_v2_state_migrates_to_v3_keeping_rows(tmp_path: Path) -> None:
+def test_v2_state_migrates_to_the_current_schema_keeping_rows(tmp_path: Path) -> None:
     path = tmp_path / "paper-BTC-USDT.sqlite"
     with sqlite3.connect(path) as conn:
         for script in (_SCHEMA_V1, MIGRATIONS[2]):
@@ -360,7 +360,10 @@ def test_v2_state_migrates_to_v3_keeping_rows(tmp_path: Path) -> None:
         conn.execute("PRAGMA user_version = 2")
     store = open_state(path, mode="paper", symbol="BTC/USDT")
     try:
-        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        # v2 -> v3 -> v4 (the cockpit's commands and outbox tables) in one transaction.
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert store.pending_commands() == []
+        assert store.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
         assert store.last_decision()["p_hold"] == 0.2 and store.last_decision()["created_at_ms"] == 5
         update = store.last_update()
         assert (update["status"], update["checkpoint_path"], update["reason"], update["method"]) == (

@@ -262,3 +262,25 @@ def test_sigkill_at_a_random_tick_then_restart_is_exact_week(
     for key in extra:
         monkeypatch.setenv(key, extra[key])
     _kill_test(tmp_path, checkpoint, "2024-12-08", extra, 2016)
+
+
+def test_replaying_into_a_state_already_past_from_is_a_clear_error(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new --from inside what the state has lived is refused, naming its last candle; after it, it continues."""
+    state = tmp_path / "state"
+    assert cli_main([*replay_args(state, checkpoint, "2024-12-01", "2024-12-01T06:00"), "--no-online-learning"]) == 0
+    capsys.readouterr()
+    code = cli_main([*replay_args(state, checkpoint, "2024-12-01T03:00", "2024-12-02"), "--no-online-learning"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    # The last tick (now = 05:55) decided the candle of 05:50; the next free tick is at 06:00.
+    assert "is already later than --from 2024-12-01 03:00" in err[0]
+    assert "its last decision is on the candle of 2024-12-01 05:50 UTC" in err[0]
+    assert "--from 2024-12-01 06:00 or later, or replay into another --state-dir" in err[0]
+    # The suggested --from continues the state.
+    args = [*replay_args(state, checkpoint, "2024-12-01 06:00", "2024-12-01T07:00"), "--no-online-learning"]
+    assert cli_main(args) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    (done,) = [e for e in events if e["event"] == "replay_done"]
+    assert done["ticks"] == 12

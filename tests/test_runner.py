@@ -178,12 +178,56 @@ def test_live_mode_refuses_other_exchanges_before_any_network(
     assert "BTC/USDT:USDT" in capsys.readouterr().err
 
 
-def test_replay_period_errors(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_replay_period_errors(
+    tmp_path: Path, checkpoint: Path, candles_2024: pd.DataFrame, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Impossible periods are usage errors (2, one line); a failed start leaves no state file behind."""
     base = ["run", "--replay", str(DATA_2024), "--checkpoint", str(checkpoint), "--state-dir", "s"]
-    assert cli_main([*base, "--from", "2024-12-01", "--to", "2025-02-01"]) == 1
-    assert "after the end of" in capsys.readouterr().err
-    assert cli_main([*base, "--from", "2024-01-02", "--to", "2024-01-03"]) == 1
-    assert "not enough history before --from" in capsys.readouterr().err
+    cases = [
+        (["--from", "2024-12-02", "--to", "2024-12-01"], "--to must be after --from"),
+        (["--from", "2024-12-01", "--to", "2024-12-01"], "--to must be after --from"),
+        (["--from", "2024-12-01T00:01", "--to", "2024-12-02"], "5-minute boundaries"),
+        (["--from", "2025-02-01", "--to", "2025-03-01"], "is after the end of"),
+        (["--from", "2024-12-01", "--to", "2024-12-02", "--speed", "0"], "--speed '0' is invalid"),
+    ]
+    # The earliest start: the 1265th candle of the file must be closed when the first decision is taken.
+    earliest = pd.Timestamp(int(candles_2024["ts_ms"].iloc[1264]) + CANDLE_MS, unit="ms").strftime("%Y-%m-%d %H:%M")
+    cases.append(
+        (["--from", "2024-01-02", "--to", "2024-01-03"], f"the earliest --from for this file is {earliest} (UTC)")
+    )
+    for extra, message in cases:
+        assert cli_main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("ritmo run: error: ") and message in err[0], err
+    assert "candles of history" in err[0]
+    # The warm-up error came after the state was opened: the state this run created is gone again.
+    assert not any((tmp_path / "s").glob("*.sqlite*")) and not any((tmp_path / "s").glob("*.lock"))
+    # From the earliest start on, the replay runs.
+    assert cli_main([*base, "--from", earliest, "--to", "2024-01-05T12:00", "--no-online-learning"]) == 0, earliest
+
+
+def test_replay_past_the_end_of_the_file_is_clipped(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --to past the data replays up to the file's end, warns `period_clipped` and logs the period used."""
+    from bot.daemon.state import open_state_readonly
+
+    args = ["run", "--replay", str(DATA_2024), "--checkpoint", str(checkpoint), "--state-dir", "s", "--seed", "1"]
+    args += ["--from", "2024-12-31T22:00", "--to", "2025-02-01", "--no-online-learning"]
+    assert cli_main(args) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    (clipped,) = [e for e in events if e["event"] == "period_clipped"]
+    assert clipped["level"] == "warning" and clipped["requested"] == "2025-02-01 00:00"
+    assert clipped["used"] == "2025-01-01 00:00"
+    (start,) = [e for e in events if e["event"] == "replay_start"]
+    assert start["end"] == "2025-01-01T00:00:00Z"
+    (done,) = [e for e in events if e["event"] == "replay_done"]
+    assert done["ticks"] == 24  # 22:00 .. 23:55: every candle the file holds after --from
+    store = open_state_readonly(tmp_path / "s" / "replay-BTC-USDT.sqlite")
+    try:
+        assert store.get_meta("replay")["to_ms"] == parse_utc_date_ms("2025-01-01")
+    finally:
+        store.close()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,7 +13,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"
 # (unit file in the repo, name to analyse it under): a template is only checkable as an instance.
-CASES = [("ritmo.service", "ritmo.service"), ("ritmo@.service", "ritmo@BTC-USDT.service")]
+DAEMON_CASES = [("ritmo.service", "ritmo.service"), ("ritmo@.service", "ritmo@BTC-USDT.service")]
+# `ritmo serve` (docs/design.md §13): the dashboard and control API, its own hardened unit.
+SERVE_CASES = [("ritmo-serve.service", "ritmo-serve.service")]
+CASES = DAEMON_CASES + SERVE_CASES
 MAX_EXPOSURE = 2.0
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
@@ -64,7 +67,7 @@ def checkable_copy(source: str, target_name: str, tmp_path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [c[0] for c in CASES])
+@pytest.mark.parametrize("name", [c[0] for c in DAEMON_CASES])
 def test_unit_essentials(name: str) -> None:
     d = directives(unit_text(name))
     assert d["Type"] == ["notify"] and d["NotifyAccess"] == ["main"]
@@ -77,6 +80,25 @@ def test_unit_essentials(name: str) -> None:
     # torch's oneDNN kernels need writable+executable memory.
     assert "MemoryDenyWriteExecute" not in d
     assert "MemoryDenyWriteExecute=yes is deliberately NOT set" in unit_text(name)
+
+
+def test_serve_unit_essentials() -> None:
+    """Its own process: the daemon's user and state directory, no exchange keys, loopback only, exit 78 final."""
+    text = unit_text("ritmo-serve.service")
+    d = directives(text)
+    assert d["Type"] == ["notify"] and d["NotifyAccess"] == ["main"]
+    assert d["ExecStart"] == ["/opt/ritmo/.venv/bin/ritmo serve"]
+    assert d["Restart"] == ["on-failure"] and d["RestartPreventExitStatus"] == ["78"]
+    assert d["User"] == ["ritmo"] and d["Group"] == ["ritmo"]
+    # The same state directory as ritmo.service (the instances' live below it): SQLite readers need the -shm file.
+    assert d["StateDirectory"] == directives(unit_text("ritmo.service"))["StateDirectory"] == ["ritmo"]
+    assert "RITMO_STATE_DIR=%S/ritmo" in d["Environment"]
+    # Never the daemon's env file (exchange keys): only its own, optional one.
+    assert d["EnvironmentFile"] == ["-/etc/ritmo/serve.env"]
+    assert d["IPAddressDeny"] == ["any"] and d["IPAddressAllow"] == ["localhost"]
+    assert d["MemoryDenyWriteExecute"] == ["yes"] and d["UMask"] == ["0077"]
+    assert "Requires" not in d and "BindsTo" not in d and "ritmo.service" in d["After"][0]
+    assert "WatchdogSec" not in d
 
 
 def test_template_is_per_instance() -> None:

@@ -72,8 +72,9 @@ class Decision:
 
     @property
     def order_action(self) -> str:
-        """The action an order for this decision carries in its client id: FLATTEN for a halt, else the action."""
-        return "FLATTEN" if self.reason == "halt" else self.action_name
+        """The action an order for this decision carries in its client id: FLATTEN for a halt or an operator's
+        flatten command, else the action."""
+        return "FLATTEN" if self.reason in ("halt", "flatten") else self.action_name
 
 
 def checked_ref_price(ref_price: float) -> float:

@@ -6,24 +6,28 @@ import argparse
 import csv
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from bot.errors import RitmoError
+from bot.errors import RitmoError, UsageError
 from bot.files.candles import load_candle_files
 from bot.files.checkpoints import load_checkpoint
+from bot.files.paths import check_output_file
+from bot.offline.periods import clip_to_data, earliest_from_ms, minute_text, parse_period, warm_up_problem
 from strategies.actions import POSITION_MODES
-from strategies.backtest import BacktestResult, Metrics, period_rows
+from strategies.backtest import BacktestResult, period_rows
 from strategies.bundle import PeriodError, backtest_period, random_bundle
-from strategies.candles import parse_utc_date_ms
+from strategies.candles import CANDLE_MS
 from strategies.features import (
     build_observations,
     compute_features,
     default_feature_spec,
     first_valid_row,
 )
+from strategies.trade_stats import TradeStats, match_trade_records, trade_stats
 
 DEFAULT_INITIAL_CASH = 10_000.0
 
@@ -54,36 +58,70 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trades", type=Path, help="write every trade to this CSV")
 
 
+def strategy_stats(result: BacktestResult) -> dict[str, TradeStats]:
+    """Round-trip, exposure and CAGR figures of the three strategies (strategies/trade_stats.py)."""
+    ts = result.equity_ts_ms
+    return {
+        "policy": trade_stats(match_trade_records(result.trades), result.positions, result.policy_equity, ts),
+        "buy_and_hold": trade_stats(
+            match_trade_records(result.hold_trades), np.ones_like(result.positions), result.hold_equity, ts
+        ),
+        "flat": trade_stats(match_trade_records([]), np.zeros_like(result.positions), result.flat_equity, ts),
+    }
+
+
 def result_to_dict(result: BacktestResult, info: dict) -> dict:
-    """The `--json` object: run info plus the three strategies' metrics."""
+    """The `--json` object: run info plus the three strategies' metrics and trade statistics."""
     assert result.policy and result.buy_and_hold and result.flat
+    stats = strategy_stats(result)
     return {
         **info,
-        "policy": result.policy.to_dict(),
-        "buy_and_hold": result.buy_and_hold.to_dict(),
-        "flat": result.flat.to_dict(),
+        "policy": {**result.policy.to_dict(), **stats["policy"].to_dict()},
+        "buy_and_hold": {**result.buy_and_hold.to_dict(), **stats["buy_and_hold"].to_dict()},
+        "flat": {**result.flat.to_dict(), **stats["flat"].to_dict()},
     }
+
+
+def _cell(value: object, fmt: str) -> str:
+    """One table cell: NaN is n/a, an infinite value (a profit factor without losses) is inf."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float) and not np.isfinite(value):
+        return "n/a" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+    return fmt.format(value)
 
 
 def format_report(result: BacktestResult, info: dict) -> str:
     """A readable table of the three strategies' figures."""
     rows = [
         ("total return", "total_return", "{:+.2%}"),
+        ("CAGR", "cagr", "{:+.2%}"),
         ("final equity", "final_equity", "{:,.2f}"),
         ("Sharpe (ann.)", "sharpe", "{:.2f}"),
         ("Sortino (ann.)", "sortino", "{:.2f}"),
         ("max drawdown", "max_drawdown", "{:.2%}"),
         ("trades", "n_trades", "{:d}"),
+        ("round trips", "round_trips", "{:d}"),
+        ("win rate", "win_rate", "{:.1%}"),
+        ("profit factor", "profit_factor", "{:.2f}"),
+        ("avg holding (hours)", "avg_holding_hours", "{:.2f}"),
+        ("open at the end", "open_at_end", "{}"),
         ("turnover (x equity)", "turnover", "{:.2f}"),
         ("fees paid (quote)", "fees_quote", "{:,.2f}"),
+        ("exposure", "exposure", "{:.1%}"),
         ("time long", "share_long", "{:.1%}"),
         ("time short", "share_short", "{:.1%}"),
         ("time flat", "share_flat", "{:.1%}"),
     ]
-    cols: list[tuple[str, Metrics]] = [
-        ("policy", result.policy),
-        ("buy&hold", result.buy_and_hold),
-        ("flat", result.flat),  # type: ignore[list-item]
+    stats = strategy_stats(result)
+    cols: list[tuple[str, dict]] = [
+        (name, {**asdict(metrics), **asdict(stats[key])})
+        for name, key, metrics in (
+            ("policy", "policy", result.policy),
+            ("buy&hold", "buy_and_hold", result.buy_and_hold),
+            ("flat", "flat", result.flat),
+        )
+        if metrics is not None
     ]
     lines = [
         f"backtest {info['from']} .. {info['to']}  candles={info['candles']}  mode={info['position_mode']}  "
@@ -92,14 +130,12 @@ def format_report(result: BacktestResult, info: dict) -> str:
         f"{'':22s}" + "".join(f"{name:>14s}" for name, _ in cols),
     ]
     for label, key, fmt in rows:
-        cells = []
-        for _, metrics in cols:
-            value = getattr(metrics, key)
-            cells.append(
-                f"{'n/a':>14s}" if isinstance(value, float) and not np.isfinite(value) else f"{fmt.format(value):>14s}"
-            )
-        lines.append(f"{label:22s}" + "".join(cells))
+        lines.append(f"{label:22s}" + "".join(f"{_cell(figures[key], fmt):>14s}" for _, figures in cols))
     lines.append("(net of fees; short borrow/funding costs are not modelled; nothing is sold at the end)")
+    lines.append(
+        "(round trip: flat to flat, or to a flip; a position open at the end is none. Win rate and profit factor "
+        "use round trips' P&L net of both fees. CAGR compounds the period's return to a 365-day year.)"
+    )
     return "\n".join(lines)
 
 
@@ -141,25 +177,45 @@ def plot_equity(result: BacktestResult, path: Path, title: str) -> None:
 def _validate_numbers(args: argparse.Namespace) -> None:
     """Refuse commission, slippage and cash values the accounting cannot take, naming the option."""
     if args.commission is not None and not 0 <= args.commission < 0.05:
-        raise BacktestError(f"--commission {args.commission}: expected a fraction in [0, 0.05), e.g. 0.001")
+        raise UsageError(f"--commission {args.commission}: expected a fraction in [0, 0.05), e.g. 0.001")
     if not 0 <= args.slippage_bps < 10_000:
-        raise BacktestError(f"--slippage-bps {args.slippage_bps}: expected basis points in [0, 10000)")
+        raise UsageError(f"--slippage-bps {args.slippage_bps}: expected basis points in [0, 10000)")
     if not (args.initial_cash > 0 and np.isfinite(args.initial_cash)):
-        raise BacktestError(f"--initial-cash {args.initial_cash}: expected a positive amount")
+        raise UsageError(f"--initial-cash {args.initial_cash}: expected a positive amount")
+
+
+def _period_in_data(ts: np.ndarray, from_ms: int, to_ms: int, data: str) -> int:
+    """The period's end (exclusive), clipped to the end of the data (logged); UsageError when the period holds
+    no candle of the data at all."""
+    data_end_ms = int(ts[-1]) + CANDLE_MS
+    if from_ms >= data_end_ms or to_ms <= int(ts[0]):
+        raise UsageError(
+            f"the period {minute_text(from_ms)} .. {minute_text(to_ms)} holds no candles of {data} "
+            f"(it holds {minute_text(int(ts[0]))} .. {minute_text(data_end_ms)} UTC)"
+        )
+    return clip_to_data(to_ms, data_end_ms, source=data)
+
+
+def _warm_up_error(from_ms: int, ts: np.ndarray, history: int) -> UsageError:
+    """The one-line error for a --from inside the data's warm-up, naming the earliest valid --from."""
+    return UsageError(
+        f"not enough warm-up before --from {minute_text(from_ms)}: "
+        + warm_up_problem(history, earliest_from_ms(ts, history), "this data")
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     """Run `ritmo backtest`."""
-    try:
-        from_ms = parse_utc_date_ms(args.date_from)
-        to_ms = parse_utc_date_ms(args.date_to)
-    except ValueError as exc:
-        raise BacktestError(f"--from/--to: {exc}") from None
-    if to_ms <= from_ms:
-        raise BacktestError("--to must be after --from")
+    from_ms, to_ms = parse_period(args.date_from, args.date_to)
     _validate_numbers(args)
+    # The output files are checked before the work, not found unwritable after it.
+    if args.trades:
+        check_output_file(args.trades, "--trades")
+    if args.plot:
+        check_output_file(args.plot, "--plot")
     candles = load_candle_files(args.data)
     ts = candles["ts_ms"].to_numpy()
+    to_ms = _period_in_data(ts, from_ms, to_ms, " ".join(str(p) for p in args.data))
     i0, _ = period_rows(ts, from_ms, to_ms)
     if args.random_init:
         spec = default_feature_spec()
@@ -167,17 +223,19 @@ def main(args: argparse.Namespace) -> int:
         mode = args.mode or "long_short"
         commission = 0.001 if args.commission is None else args.commission
         if i0 < 1 or not np.isfinite(features[:i0]).all(axis=1).any():
-            raise BacktestError(
-                "not enough warm-up before the period start: --random-init fits its standardisation on the "
-                f"candles before --from and needs at least {first_valid_row(spec) + 1} of them; start later"
-            )
+            # --random-init fits its standardisation on the candles before --from; the policy then needs
+            # as much history as any checkpoint's.
+            raise _warm_up_error(from_ms, ts, first_valid_row(spec) + 1)
         bundle = random_bundle(args.seed, features, slice(0, i0), mode, commission)
     else:
         bundle = load_checkpoint(args.checkpoint)
         if args.mode and args.mode != bundle.position_mode:
-            raise BacktestError(f"--mode {args.mode} differs from the checkpoint's {bundle.position_mode}")
+            raise UsageError(f"--mode {args.mode} differs from the checkpoint's {bundle.position_mode}")
         features = compute_features(candles, bundle.spec)
     obs = build_observations(features, bundle.standardizer, bundle.macro_window, bundle.micro_window)
+    if i0 < 1 or not obs.valid[i0 - 1]:
+        first = int(np.argmax(obs.valid)) if obs.valid.any() else len(ts)
+        raise _warm_up_error(from_ms, ts, first + 1)
     try:
         result = backtest_period(
             bundle,

@@ -11,13 +11,15 @@ from typing import Any
 import numpy as np
 import structlog
 
-from bot.errors import EXIT_OK, ConfigError
+from bot.errors import EXIT_OK, ConfigError, UsageError
 from bot.exchange.client import (
     SUPPORTED_TIMEFRAME,
     check_timeframe,
     make_exchange,
 )
+from bot.files.paths import check_output_file
 from bot.offline.history import download_candles
+from bot.offline.periods import check_order
 from strategies.candles import (
     parse_utc_date_ms,
 )
@@ -103,7 +105,11 @@ def main(args: argparse.Namespace) -> int:
     since_ms = _ms_option(getattr(args, "since", None), "--since")
     until_ms = _ms_option(getattr(args, "until", None), "--until")
     if not getattr(args, "out", None):
-        raise ConfigError("--out FILE is required")
+        raise UsageError("--out FILE is required")
+    if since_ms is not None and until_ms is not None:
+        check_order(since_ms, until_ms, from_option="--since", to_option="--until")
+    # Before the first request: a download of a year takes minutes, and its file must be writable at the end.
+    check_output_file(Path(args.out), "--out")
     config = _exchange_config(getattr(args, "exchange_config", None))
     client = make_exchange(getattr(args, "exchange", None) or "binance", config)
     download_candles(

@@ -100,9 +100,11 @@ def _costs(text: str) -> list[float]:
 
 def main(args: argparse.Namespace) -> int:
     """Run `ritmo evaluate`."""
-    from strategies.candles import parse_utc_date_ms
+    from bot.files.paths import check_output_dir
+    from bot.offline.periods import parse_date
 
     spec = walk_forward.parse_fold_spec(args.folds)
+    until_ms = parse_date("--until", args.until) if args.until else None
     costs = _costs(args.costs)
     if args.seeds < 1 or args.workers < 1 or args.threads < 1 or args.validate_every < 1:
         raise walk_forward.EvaluateError("--seeds, --workers, --threads and --validate-every must be >= 1")
@@ -119,14 +121,13 @@ def main(args: argparse.Namespace) -> int:
             f"the test folds of configuration {chash} ({name}) were read already ({args.trials}); "
             "test folds are read once (--reread-test overrides, and is recorded)"
         )
+    # Before the folds are trained (hours): report, results, PNGs and unit caches go under --out.
+    check_output_dir(args.out, "--out")
     data = [str(p) for p in args.data]
     candles, _ = walk_forward.load_data(data)
     end_ms = int(candles["ts_ms"].iloc[-1]) + CANDLE_MS
-    if args.until:
-        try:
-            end_ms = min(end_ms, parse_utc_date_ms(args.until))
-        except ValueError as exc:
-            raise walk_forward.EvaluateError(f"--until: {exc}") from None
+    if until_ms is not None:
+        end_ms = min(end_ms, until_ms)
     folds = walk_forward.make_folds(int(candles["ts_ms"].iloc[0]), end_ms, spec, args.max_folds)
     if args.last_folds:
         folds = folds[-args.last_folds :]

@@ -17,16 +17,27 @@ first decision is on the candle closing at F, as `ritmo backtest --from F --to T
 candle's open and no exchange order rules (so a replay books exactly what the backtest books); at the end
 the ledger is marked at the close of the last candle before T. A replay restarted on its state continues
 after the last recorded decision, so a killed replay ends exactly like an uninterrupted one.
+
+Start-up (docs/design.md §8): an unreachable exchange (network, DNS, timeouts, 5xx) is waited out with capped
+backoff (`StartWaiter`); only configuration (78) and authentication (77) problems, and an exchange that
+refuses a start-up request for good (1), end the process. Until the first tick a stop signal ends start-up at
+once: SIGTERM exits 0, Ctrl-C 130 (0 once the daemon announced itself while waiting). A state database this
+run created is removed again if the run ends before it holds a decision, so a failed start leaves no empty
+state behind (an existing state is never removed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import logging
+import os
+import signal
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,13 +50,30 @@ from bot.clock import wall_ms
 from bot.daemon.feed import CandleFeed
 from bot.daemon.learner import LearningGuard, OnlineLearner, load_model
 from bot.daemon.market import ExchangeClock, ExchangeMarketData, MarketData, ReplayMarketData, SimClock
-from bot.daemon.service import StopSignal, announce_ready, replay_ticks, run_scheduled, single_threaded_torch
+from bot.daemon.outbox import OutboxSender, notify_auth_failure
+from bot.daemon.service import (
+    StartInterrupted,
+    StartWaiter,
+    StopSignal,
+    announce_ready,
+    replay_ticks,
+    run_scheduled,
+    single_threaded_torch,
+)
 from bot.daemon.state import StateStore, open_state
-from bot.errors import ConfigError, RitmoError
+from bot.errors import (
+    AuthenticationExchangeError,
+    ConfigError,
+    OperationalExchangeError,
+    RitmoError,
+    TemporaryExchangeError,
+    UsageError,
+)
 from bot.exchange.rules import MarketRules
 from bot.logs import configure_logging
+from bot.offline.periods import clip_to_data, earliest_from_ms, minute_text, parse_period, warm_up_problem
 from bot.settings import Settings, load_settings, state_db_path, validate_live
-from strategies.candles import CANDLE_MS, iso_utc, parse_utc_date_ms
+from strategies.candles import CANDLE_MS, iso_utc
 
 if TYPE_CHECKING:
     # Replays never load the exchange module (nor ccxt): run_realtime imports it when it runs.
@@ -56,8 +84,16 @@ log = structlog.get_logger(__name__)
 # Feed retries of a missing latest candle, and the pause between them (real time).
 FEED_RETRIES = 3
 FEED_RETRY_DELAY_S = 2.0
+# The files of one state database (docs/design.md §9): removed together when a failed start created them.
+STATE_FILE_SUFFIXES = ("", "-wal", "-shm", ".lock")
+# How long a stopping daemon waits for the notifications still due (its own stop among them).
+SENDER_FLUSH_S = 5.0
+# bot/exchange/client.py's check_symbol says this when the exchange does not list the symbol.
+_UNLISTED_SYMBOL = "has no market"
+
+
 class ReplayError(RitmoError):
-    """The replay cannot run as asked (period outside the file, not enough warm-up)."""
+    """The replay cannot run on this state as asked (exit 1); impossible periods are UsageErrors (exit 2)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,8 +163,10 @@ def resolve_settings(args: argparse.Namespace, env: dict[str, str] | None = None
 def _configure_logging(settings: Settings) -> None:
     configure_logging(settings.log_format, settings.log_level, secrets=settings.secret_values())
     if settings.log_level != "DEBUG":
-        # APScheduler logs every job start and end at INFO: the tick line already says it, once.
+        # APScheduler logs every job start and end at INFO, Apprise every message it sends: the tick line and
+        # notification_sent already say it, once.
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        logging.getLogger("apprise").setLevel(logging.WARNING)
 
 
 @dataclasses.dataclass
@@ -235,12 +273,13 @@ class ReplayPlan:
 def run_replay(settings: Settings, args: argparse.Namespace, stop: StopSignal) -> int:
     """Replay a candle file over [--from, --to) with the daemon's own tick."""
     plan = replay_plan(args)
-    market = _replay_market(plan, settings.symbol)
+    market, plan = _replay_market(plan, settings.symbol)
     clock = SimClock(plan.from_ms)
     check_seed = functools.partial(_check_replay_seed, settings.seed)
     comps = build_daemon(settings, market, sleep=clock.sleep, rules=None, greedy=args.greedy, before_start=check_seed)
     try:
         start_ms = _start_replay(comps, market, plan, settings)
+        stop.started()
         announce_ready()
         wall0 = time.perf_counter()
         ticks, next_ms = replay_ticks(comps.daemon, clock, start_ms, plan.to_ms, plan.speed, stop)
@@ -255,30 +294,32 @@ def run_replay(settings: Settings, args: argparse.Namespace, stop: StopSignal) -
 
 
 def replay_plan(args: argparse.Namespace) -> ReplayPlan:
-    """The replay's file, period and speed from the command line; ReplayError when they are unusable."""
+    """The replay's file, period and speed from the command line; UsageError when they are impossible."""
     if not args.date_from or not args.date_to:
-        raise ReplayError("--replay needs --from and --to")
-    try:
-        from_ms, to_ms = parse_utc_date_ms(args.date_from), parse_utc_date_ms(args.date_to)
-    except ValueError as exc:
-        raise ReplayError(f"--from/--to: {exc}") from None
+        raise UsageError("--replay needs --from and --to")
+    from_ms, to_ms = parse_period(args.date_from, args.date_to)
     if from_ms % CANDLE_MS or to_ms % CANDLE_MS:
-        raise ReplayError("--from and --to must lie on 5-minute boundaries")
-    if to_ms <= from_ms:
-        raise ReplayError("--to must be after --from")
+        raise UsageError("--from and --to must lie on 5-minute boundaries")
     return ReplayPlan(Path(args.replay), from_ms, to_ms, _parse_speed(args.speed))
 
 
-def _replay_market(plan: ReplayPlan, symbol: str) -> ReplayMarketData:
+def _replay_market(plan: ReplayPlan, symbol: str) -> tuple[ReplayMarketData, ReplayPlan]:
+    """The file's market data, and the plan with a --to past the end of the file clipped to it (logged).
+
+    The last tick at now = T - 5 min decides the candle before it and fills at the open of the candle at
+    T - 5 min, so the file must reach T - 5 min: a later --to is clipped, as `ritmo backtest` clips it.
+    """
     from bot.files.candles import load_candles
 
     market = ReplayMarketData(load_candles(plan.path), symbol)
-    if plan.to_ms - CANDLE_MS > market.last_ts_ms:
-        raise ReplayError(
-            f"--to {iso_utc(plan.to_ms)} is after the end of {plan.path} "
-            f"(its last candle closes {iso_utc(market.last_ts_ms + CANDLE_MS)})"
+    data_end_ms = market.last_ts_ms + CANDLE_MS
+    if plan.from_ms >= data_end_ms:
+        raise UsageError(
+            f"--from {minute_text(plan.from_ms)} is after the end of {plan.path} "
+            f"(its last candle opens {minute_text(market.last_ts_ms)} UTC)"
         )
-    return market
+    to_ms = clip_to_data(plan.to_ms, data_end_ms, source=str(plan.path))
+    return market, dataclasses.replace(plan, to_ms=to_ms)
 
 
 def _check_replay_seed(seed: int, store: StateStore) -> None:
@@ -298,13 +339,15 @@ def _start_replay(comps: Components, market: ReplayMarketData, plan: ReplayPlan,
     daemon, store = comps.daemon, comps.store
     history = history_needed(daemon.bundle)
     if market.rows_before(plan.from_ms) < history:
-        raise ReplayError(
-            f"not enough history before --from {iso_utc(plan.from_ms)} in {plan.path}: the first decision needs "
-            f"{history} candles up to it, the file has {market.rows_before(plan.from_ms)}"
+        ts = market.closed_candles(market.first_ts_ms, market.last_ts_ms + CANDLE_MS).ts_ms
+        raise UsageError(
+            f"not enough history before --from {minute_text(plan.from_ms)} in {plan.path}: "
+            + warm_up_problem(history, earliest_from_ms(ts, history), "this file")
         )
+    last = daemon.mem.last_decision_ts_ms
+    _check_replay_continues(store, plan, last)
     with store.transaction():
         store.set_meta("replay", {"file": str(plan.path), "from_ms": plan.from_ms, "to_ms": plan.to_ms})
-    last = daemon.mem.last_decision_ts_ms
     start_ms = plan.from_ms if last is None else max(plan.from_ms, last + 2 * CANDLE_MS)
     log.info(
         "replay_start",
@@ -316,6 +359,25 @@ def _start_replay(comps: Components, market: ReplayMarketData, plan: ReplayPlan,
         online_learning=settings.online_learning,
     )
     return start_ms
+
+
+def _check_replay_continues(store: StateStore, plan: ReplayPlan, last_ts_ms: int | None) -> None:
+    """A replay state continues a replay of the same period (a restart after a kill), or moves on to a later one.
+
+    The tick at now = F decides the candle opening at F - 5 min; a state whose last decision is on that candle
+    or later has already lived past --from, and replaying F again would rewrite its history.
+    """
+    if last_ts_ms is None or last_ts_ms + CANDLE_MS < plan.from_ms:
+        return
+    recorded = store.get_meta("replay") or {}
+    if (recorded.get("from_ms"), recorded.get("to_ms")) == (plan.from_ms, plan.to_ms):
+        return  # the same replay, restarted: it continues after its last decision
+    resume_ms = last_ts_ms + 2 * CANDLE_MS
+    raise ReplayError(
+        f"the replay state {store.path} is already later than --from {minute_text(plan.from_ms)}: its last decision "
+        f"is on the candle of {minute_text(last_ts_ms)} UTC; continue it with --from {minute_text(resume_ms)} "
+        "or later, or replay into another --state-dir"
+    )
 
 
 def _finish_replay(comps: Components, plan: ReplayPlan, ticks: int, wall_s: float) -> None:
@@ -343,7 +405,7 @@ def _parse_speed(text: str) -> float | None:
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise ReplayError(f"--speed {text!r} is invalid: expected 'max' or a positive speed-up factor")
+        raise UsageError(f"--speed {text!r} is invalid: expected 'max' or a positive speed-up factor")
     return value
 
 
@@ -364,11 +426,17 @@ def run_realtime(
     local_ms: Callable[[], int] = wall_ms,
     feed_retry_delay_s: float = FEED_RETRY_DELAY_S,
     env_file: str | Path | None = ".env",
+    waiter: StartWaiter | None = None,
 ) -> int:
-    """Paper or live trading on the exchange's market data: warm up, then tick on the scheduler (or once)."""
+    """Paper or live trading on the exchange's market data: warm up, then tick on the scheduler (or once).
+
+    Each start-up step that needs the exchange (connect, live start checks, warm-up) runs under `waiter`,
+    which waits out an unreachable exchange (docs/design.md §8).
+    """
     from bot.exchange.client import exchange_from_settings, make_exchange
 
     live = settings.mode == "live"
+    waiter = waiter or StartWaiter()
     if client is None:
         # Paper reads public market data only: it is never given the keys.
         client = (
@@ -377,26 +445,31 @@ def run_realtime(
             else make_exchange(settings.exchange, dict(settings.exchange_config))
         )
     sleep = clock.sleep if clock is not None else time.sleep
-    client.check_symbol(settings.symbol)
+    to_sync = None
     if clock is None:
-        clock = ExchangeClock(client, local_ms=local_ms)
-        clock.sync()
+        clock = to_sync = ExchangeClock(client, local_ms=local_ms)
+    rules = waiter.call(lambda: _connect_exchange(client, settings.symbol, to_sync), "connect")
     market = ExchangeMarketData(client, settings.symbol)
-    rules = client.market_rules(settings.symbol)
     make_broker = live_broker_factory(settings, client, clock, env_file=env_file) if live else None
-    comps = build_daemon(
-        settings,
-        market,
-        sleep=sleep,
-        rules=rules,
-        greedy=greedy,
-        feed_retry_delay_s=feed_retry_delay_s,
-        make_broker=make_broker,
+    comps = waiter.call(
+        lambda: build_daemon(
+            settings,
+            market,
+            sleep=sleep,
+            rules=rules,
+            greedy=greedy,
+            feed_retry_delay_s=feed_retry_delay_s,
+            make_broker=make_broker,
+        ),
+        "start",
     )
     daemon, store = comps.daemon, comps.store
+    # Notifications the daemon writes into the outbox are sent by this thread (docs/design.md §13).
+    sender = OutboxSender(store.path, settings.notify_urls).start() if daemon.config.notify else None
     exit_code = 0
+    stop_reason = "once" if once else "signal"
     try:
-        warm = daemon.feed.update(clock.now_ms())
+        warm = waiter.call(lambda: _warm_up(daemon, clock), "warm_up")
         log.info(
             "warmed_up",
             candles=len(daemon.feed.buffer),
@@ -404,8 +477,13 @@ def run_realtime(
             exchange=client.id,
             symbol=settings.symbol,
             mode=settings.mode,
+            start_attempts=waiter.attempts,
         )
+        stop.started()
         announce_ready()
+        if waiter.waited:
+            # Replace the "waiting for the exchange" line systemd shows until the first tick sets its own.
+            notify.notify_status(f"warmed up after waiting for the exchange: {settings.symbol} {settings.mode}")
         if once:
             outcome = daemon.tick(clock.now_ms())
             notify.notify_watchdog()
@@ -414,11 +492,48 @@ def run_realtime(
             notify.notify_stopping()
             return 0
         exit_code = run_scheduled(settings, daemon, clock, stop, trigger, local_ms)
+        if exit_code != 0:
+            stop_reason = f"stopped with exit code {exit_code}"
         notify.notify_stopping()
         log.info("stopped", signal=stop.signum, exit_code=exit_code)
+    except BaseException:
+        stop_reason = "start-up or tick failed"
+        raise
     finally:
+        if not once:
+            # A --once run (cron) would notify a start and a stop every time it runs: only the daemon's stop counts.
+            with contextlib.suppress(sqlite3.Error):
+                daemon.record_stop(stop_reason, exit_code)
+        if sender is not None:
+            sender.stop(flush_timeout_s=SENDER_FLUSH_S)
         store.close()
     return exit_code
+
+
+def _connect_exchange(client: ExchangeClient, symbol: str, clock: ExchangeClock | None) -> MarketRules:
+    """The start-up reads: markets (the symbol must be listed), the exchange's clock, the symbol's order rules.
+
+    An unlisted symbol is a configuration error (78: restarting cannot fix RITMO_SYMBOL); other refusals are
+    operational (1: systemd restarts the unit a few times, then leaves it failed for a human).
+    """
+    try:
+        client.check_symbol(symbol)
+    except OperationalExchangeError as exc:
+        if _UNLISTED_SYMBOL in str(exc):
+            raise ConfigError(f"RITMO_SYMBOL={symbol!r} is invalid: {exc}") from None
+        raise
+    if clock is not None:
+        clock.sync()
+    return client.market_rules(symbol)
+
+
+def _warm_up(daemon: Any, clock: Any) -> Any:
+    """Fill the feed's buffer; TemporaryExchangeError (so the start waits) when the exchange could not fill it."""
+    warm = daemon.feed.update(clock.now_ms())
+    held, needed = len(daemon.feed.buffer), daemon.feed.history
+    if warm.error is not None and held < needed:
+        raise TemporaryExchangeError(f"warm-up holds {held} of {needed} candles: {warm.error}")
+    return warm
 
 
 def live_broker_factory(
@@ -466,16 +581,61 @@ def live_broker_factory(
 # ---------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def removing_unused_new_state(db: Path) -> Iterator[None]:
+    """Remove the state database again if this run created it and ends (failing or stopped) before it holds a
+    decision: the next start then begins as cleanly as this one did. An existing state is never touched."""
+    created = not any(Path(f"{db}{suffix}").exists() for suffix in STATE_FILE_SUFFIXES)
+    try:
+        yield
+    finally:
+        if created and _holds_no_decision(db):
+            for suffix in STATE_FILE_SUFFIXES:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{db}{suffix}")
+            log.info("state_removed", path=str(db), reason="created by a start that ended before its first decision")
+
+
+def _holds_no_decision(db: Path) -> bool:
+    """Whether the database at `db` exists and records nothing an operator could need: no decision, no order, no
+    fill, no command (False when it cannot be read: keep it). An order intent is committed before its decision
+    row, so a first tick that sent an order and then failed keeps its state."""
+    if not db.is_file():
+        return Path(f"{db}.lock").exists()  # only the lock file was made
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            return not any(
+                conn.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0]
+                for table in ("decisions", "orders", "fills", "commands")
+            )
+    except sqlite3.Error:
+        return False
+
+
 def main(args: argparse.Namespace) -> int:
     """Run `ritmo run`."""
     settings = resolve_settings(args)
     _configure_logging(settings)
-    single_threaded_torch()
-    stop = StopSignal().install()
+    # Until the first tick a signal ends start-up wherever it is (service.StartInterrupted).
+    stop = StopSignal().install(interrupt_start=True)
     try:
+        single_threaded_torch()
         log.info("starting", settings=settings.redacted(), once=bool(args.once), replay=str(args.replay or ""))
-        if args.replay is not None:
-            return run_replay(settings, args, stop)
-        return run_realtime(settings, once=args.once, greedy=args.greedy, stop=stop, env_file=args.env_file)
+        try:
+            with removing_unused_new_state(state_db_path(settings)):
+                if args.replay is not None:
+                    return run_replay(settings, args, stop)
+                return run_realtime(settings, once=args.once, greedy=args.greedy, stop=stop, env_file=args.env_file)
+        except AuthenticationExchangeError as exc:
+            # Exit 77 stops the unit for good: the operator must hear of it (best effort, a few seconds at most).
+            notify_auth_failure(settings, str(exc), exit_code=exc.exit_code)
+            raise
+    except StartInterrupted as exc:
+        if exc.signum == signal.SIGINT and not exc.waiting:
+            # Ctrl-C before the daemon was up: the CLI prints "ritmo run: interrupted" and exits 130.
+            raise KeyboardInterrupt from None
+        log.info("stopped", signal=exc.signum, phase="start", waiting=exc.waiting)
+        notify.notify_stopping()
+        return 0
     finally:
         stop.restore()

@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from bot.clock import wall_ms
-from bot.daemon.state import StateStore, open_state_for_update, open_state_readonly
+from bot.daemon.alerts import message_for
+from bot.daemon.halt import clear_halt
+from bot.daemon.report import collect_status, find_state_db, finite
+from bot.daemon.state import open_state_for_update, open_state_readonly
 from bot.errors import ConfigError
-from bot.settings import MODES, load_settings, state_db_path
+from bot.settings import MODES, Settings, load_settings
 from strategies.accounting import Ledger
-from strategies.actions import ACTION_NAMES
-from strategies.candles import iso_utc
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,168 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default=None, help="state of this mode (default RITMO_MODE)")
     p.add_argument("--symbol", default=None, help="state of this symbol (default RITMO_SYMBOL)")
     p.add_argument("--env-file", default=".env", help="settings file (default .env; the environment wins)")
-
-
-def resolve_db_path(args: argparse.Namespace) -> Path:
-    """The state database these arguments and the settings point at."""
-    settings = load_settings(env_file=args.env_file)
-    changes: dict[str, Any] = {}
-    if args.state_dir is not None:
-        changes["state_dir"] = args.state_dir
-    if args.mode is not None:
-        changes["mode"] = args.mode
-    if args.symbol is not None:
-        changes["symbol"] = args.symbol
-    if changes:
-        import dataclasses
-
-        settings = dataclasses.replace(settings, **changes)
-    path = state_db_path(settings)
-    if args.mode is None and not path.exists() and args.state_dir is not None:
-        # A state dir with exactly one database (e.g. a replay's) needs no --mode/--symbol.
-        found = sorted(Path(args.state_dir).glob("*.sqlite"))
-        if len(found) == 1:
-            return found[0]
-    return path
-
-
-def _finite(x: Any) -> Any:
-    return x if not isinstance(x, float) or math.isfinite(x) else None
-
-
-def collect_status(store: StateStore) -> dict[str, Any]:
-    """Everything `ritmo status` reports, as a JSON-able dict."""
-    meta = store.all_meta()
-    ledger = Ledger.from_dict(meta["ledger"]) if "ledger" in meta else None
-    last_candle = meta.get("last_candle") or {}
-    initial = meta.get("initial_cash")
-    equity = None
-    if ledger is not None:
-        equity = ledger.equity(last_candle["close"]) if last_candle.get("close") else ledger.cash_quote
-    last = store.last_decision()
-    last_decision = None
-    if last is not None:
-        last_decision = {
-            "ts": iso_utc(last["ts_ms"]),
-            "ts_ms": last["ts_ms"],
-            "status": last["status"],
-            "action": ACTION_NAMES[last["action"]] if last["action"] is not None else None,
-            "probs": (
-                {"hold": last["p_hold"], "buy": last["p_buy"], "sell": last["p_sell"]}
-                if last["p_hold"] is not None
-                else None
-            ),
-            "position_before": last["position_before"],
-            "position_after": last["position_after"],
-            "fee_quote": last["fee_quote"],
-            "reason": last["reason"],
-            "latency_ms": last["latency_ms"],
-        }
-    episode = store.open_episode()
-    steps_per_episode = meta.get("episode_steps")
-    counts = dict(store.conn.execute("SELECT status, COUNT(*) FROM episodes GROUP BY status").fetchall())
-    decisions = dict(store.conn.execute("SELECT status, COUNT(*) FROM decisions GROUP BY status").fetchall())
-    rhythm = meta.get("rhythm") or {}
-    halt = meta.get("halt") or {"halted": False}
-    model = meta.get("model") or {}
-    return {
-        "state": str(store.path),
-        "mode": meta.get("mode"),
-        "symbol": meta.get("symbol"),
-        "position_mode": meta.get("position_mode"),
-        "position": ledger.position if ledger else None,
-        "qty_base": ledger.qty_base if ledger else None,
-        "cash_quote": ledger.cash_quote if ledger else None,
-        "equity": equity,
-        "initial_cash": initial,
-        "profit_quote": (equity - initial) if equity is not None and initial is not None else None,
-        "fees_quote": ledger.fees_quote if ledger else None,
-        "n_trades": ledger.n_trades if ledger else None,
-        "peak_equity": meta.get("peak_equity"),
-        "last_candle": (
-            {"ts": iso_utc(last_candle["ts_ms"]), "ts_ms": last_candle["ts_ms"], "close": last_candle.get("close")}
-            if last_candle
-            else None
-        ),
-        "decisions": decisions,
-        "last_decision": last_decision,
-        "episode": {
-            "id": episode["id"] if episode else None,
-            "step": episode["steps"] if episode else 0,
-            "steps": steps_per_episode,
-            "settled": episode["settled"] if episode else 0,
-            "counts": counts,
-        },
-        "rhythm": {"k": rhythm.get("k"), "macro_updates": rhythm.get("macro_updates")},
-        "updates": {"learned": store.update_count("learned"), "rejected": store.update_count("rejected")},
-        "learning_guard": _guard_status(store, meta.get("learning_guard") or {}),
-        "model": {
-            "version": model.get("version"),
-            "checkpoint_path": model.get("checkpoint_path"),
-            "source": model.get("source"),
-            "objective": model.get("objective"),
-            "decide_every": meta.get("decide_every", 1),
-        },
-        "halt": {
-            "halted": bool(halt.get("halted")),
-            "reason": halt.get("reason"),
-            "since": iso_utc(halt["since_ts_ms"]) if halt.get("since_ts_ms") else None,
-        },
-        "seed": meta.get("seed"),
-        "replay": meta.get("replay"),
-        "broker": _broker_status(meta.get("broker")),
-        "balance_check": meta.get("balance_check"),
-        "orders": {
-            "by_status": dict(store.conn.execute("SELECT status, COUNT(*) FROM orders GROUP BY status").fetchall()),
-            "pending": [
-                {k: o[k] for k in ("client_order_id", "side", "qty_base", "status", "detail")}
-                for o in store.pending_orders()
-            ],
-        },
-    }
-
-
-def _guard_status(store: StateStore, floors: dict[str, Any]) -> dict[str, Any]:
-    """The learning guard: its floors, how many updates it rolled back, the last rollback, the newest figures."""
-    event = store.last_event("update_rolled_back")
-    last_rollback = None
-    if event is not None:
-        detail = event["detail"]
-        last_rollback = {
-            "k": detail.get("k"),
-            "episode_id": detail.get("episode_id"),
-            "reason": detail.get("reason"),
-            "at": iso_utc(event["at_ms"]),
-            "candle": iso_utc(event["candle_ts_ms"]) if event["candle_ts_ms"] is not None else None,
-        }
-    row = store.last_update()
-    last_update = None
-    if row is not None:
-        last_update = {
-            "k": row["k"],
-            "status": row["status"],
-            "method": row["method"],
-            "entropy_after": row["entropy_after"],
-            "max_trade_prob_after": row["trade_prob_after"],
-        }
-    return {
-        "min_entropy": floors.get("min_entropy"),
-        "min_trade_prob": floors.get("min_trade_prob"),
-        "rolled_back": store.update_count("rolled_back"),
-        "last_rollback": last_rollback,
-        "last_update": last_update,
-    }
-
-
-def _broker_status(broker: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The live broker's circuit breaker, as last written by the daemon (None for paper and replay)."""
-    if not broker:
-        return None
-    breaker = dict(broker.get("breaker") or {})
-    for key in ("since_ms", "half_opens_at_ms"):
-        if breaker.get(key):
-            breaker[key.removesuffix("_ms")] = iso_utc(int(breaker[key]))
-    return {**broker, "breaker": breaker}
 
 
 def format_status(s: dict[str, Any]) -> str:
@@ -209,8 +46,13 @@ def format_status(s: dict[str, Any]) -> str:
         f"state        {s['state']}",
         f"mode         {s['mode']}  symbol {s['symbol']}  ({s['position_mode']})",
         f"position     {s['position']}  qty {s['qty_base']}  cash {money(s['cash_quote'])}",
-        f"equity       {money(s['equity'])}  profit {money(s['profit_quote'])} (net of fees)  "
-        f"fees {money(s['fees_quote'])}  trades {s['n_trades']}",
+        f"equity       {money(s['equity'])}  profit {_signed(s['profit_quote'])} ({_signed_pct(s['pnl_pct'])}) "
+        f"(net of fees)  fees {money(s['fees_quote'])}  trades {s['n_trades']}",
+        f"entry        {_format_entry(s)}",
+        f"p&l          today {_signed(s['pnl_today_quote'])} ({_signed_pct(s['pnl_today_pct'])}) since "
+        f"{s['pnl_today_since'] or 'n/a'}  7 days {_signed(s['pnl_7d_quote'])} ({_signed_pct(s['pnl_7d_pct'])}) "
+        f"since {s['pnl_7d_since'] or 'n/a'}  realised {_signed(s['realised_pnl_quote'])}",
+        f"buy&hold     {_format_buy_hold(s['buy_hold'])}",
         f"last candle  {s['last_candle']['ts'] if s['last_candle'] else 'none'}"
         + (f"  close {s['last_candle']['close']}" if s["last_candle"] else ""),
     ]
@@ -235,6 +77,7 @@ def format_status(s: dict[str, Any]) -> str:
             if s["halt"]["halted"]
             else "no"
         ),
+        f"paused       {_format_paused(s['paused'])}",
     ]
     broker = s.get("broker")
     if broker:
@@ -265,6 +108,49 @@ def format_status(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _signed(x: float | None) -> str:
+    """A quote amount with its sign, n/a for None."""
+    return "n/a" if x is None else f"{x:+,.2f}"
+
+
+def _signed_pct(x: float | None) -> str:
+    """A percentage with its sign, n/a for None."""
+    return "n/a" if x is None else f"{x:+.2f}%"
+
+
+def _format_entry(s: dict[str, Any]) -> str:
+    """The entry line: entry price and unrealised P&L of the open position."""
+    if s["entry_price"] is None:
+        return "n/a (flat)" if not s["position"] else "n/a (no recorded fills built this position)"
+    return (
+        f"price {s['entry_price']:,.2f} since {s['entry_ts']}  unrealised {_signed(s['unrealised_pnl_quote'])} "
+        "(at the last close, entry fees in, exit fee not deducted)"
+    )
+
+
+def _format_buy_hold(b: dict[str, Any] | None) -> str:
+    """The buy-and-hold line: what the initial cash bought at the first decided close would be worth now."""
+    if b is None:
+        return "n/a (no decision yet)"
+    fee = (
+        "gross (no fee: no fills to read a rate from)"
+        if b["fee_basis"] == "gross"
+        else f"one buy fee at {b['commission']:.6g} (from the {b['fee_basis']})"
+    )
+    return (
+        f"equity {b['equity']:,.2f}  profit {_signed(b['profit_quote'])} ({_signed_pct(b['pct'])})  "
+        f"bought at the close {b['start_close']:,.2f} of {b['start_ts']}, {fee}"
+    )
+
+
+def _format_paused(p: dict[str, Any]) -> str:
+    """The paused line: whether an operator paused new entries, since when and who."""
+    if not p["paused"]:
+        return "no"
+    command = f" (command {p['command_id']})" if p.get("command_id") is not None else ""
+    return f"yes since {p['since'] or '?'} by {p['by'] or '?'}{command}: no new entries, exits still go through"
+
+
 def _format_guard(g: dict[str, Any]) -> str:
     """The learning guard's line: floors, the newest update's figures, the last rollback."""
     floors = "floors not recorded yet (written at the daemon's next start)"
@@ -285,21 +171,29 @@ def _format_guard(g: dict[str, Any]) -> str:
     return floors + figures + rollback
 
 
-def resume(path: Path) -> dict[str, Any]:
-    """Clear a halt (recorded as an event); returns the new halt state. Works while the daemon runs."""
+def resume(path: Path, settings: Settings | None = None) -> dict[str, Any]:
+    """Clear a halt (a `resume` event, notified when notifications are on); the new halt state. Works while the
+    daemon runs: its next tick reads the cleared halt inside its own transaction."""
     store = open_state_for_update(path)
     try:
         with store.transaction():
-            halt = store.get_meta("halt") or {"halted": False}
-            if not halt.get("halted"):
+            detail = clear_halt(store, Ledger.from_dict(store.get_meta("ledger")), {"by": "cli"})
+            if detail is None:
                 return {"halted": False, "changed": False}
-            ledger = Ledger.from_dict(store.get_meta("ledger"))
-            last = store.get_meta("last_candle") or {}
-            equity = ledger.equity(last["close"]) if last.get("close") else ledger.cash_quote
-            new = {"halted": False, "resumed_at_ms": wall_ms(), "previous_reason": halt.get("reason")}
-            store.set_meta_many({"halt": new, "peak_equity": equity})
-            store.add_event("resume", {"previous": halt, "peak_equity_reset_to": equity})
-        return {"halted": False, "changed": True, "previous_reason": halt.get("reason"), "peak_equity": equity}
+            store.add_event("resume", detail)
+            if settings is not None and settings.notify_urls and store.get_meta("mode") != "replay":
+                context = {"mode": store.get_meta("mode"), "symbol": store.get_meta("symbol")}
+                message = message_for("resume", detail, context)
+                if message is not None:
+                    # Sent by the running daemon's outbox sender (or at its next start).
+                    store.enqueue_notification("resume", *message)
+        previous = detail["previous"].get("reason")
+        return {
+            "halted": False,
+            "changed": True,
+            "previous_reason": previous,
+            "peak_equity": detail["peak_equity_reset_to"],
+        }
     finally:
         store.conn.close()
 
@@ -308,9 +202,9 @@ def main(args: argparse.Namespace) -> int:
     """Run `ritmo status` or `ritmo resume` (the subcommand name decides)."""
     if args.mode is not None and args.mode not in MODES:
         raise ConfigError(f"--mode {args.mode!r}: expected one of {', '.join(MODES)}")
-    path = resolve_db_path(args)
+    path = find_state_db(env_file=args.env_file, state_dir=args.state_dir, mode=args.mode, symbol=args.symbol)
     if args.command == "resume":
-        result = resume(path)
+        result = resume(path, load_settings(env_file=args.env_file))
         if args.json:
             json.dump(result, sys.stdout)
             sys.stdout.write("\n")
@@ -325,7 +219,7 @@ def main(args: argparse.Namespace) -> int:
     finally:
         store.conn.close()
     if args.json:
-        json.dump({k: _finite(v) for k, v in status.items()}, sys.stdout, default=str)
+        json.dump(finite(status), sys.stdout, default=str, allow_nan=False)
         sys.stdout.write("\n")
     else:
         print(format_status(status))

@@ -9,12 +9,14 @@ from pathlib import Path
 import structlog
 import torch
 
+from bot.errors import UsageError
 from bot.files.candles import load_candle_files
 from bot.files.checkpoints import load_checkpoint
+from bot.files.paths import check_output_file
 from bot.offline.fit import TrainError, fit
+from bot.offline.periods import check_order, parse_date
 from strategies.actions import POSITION_MODES
 from strategies.bundle import ModelBundle, PeriodError
-from strategies.candles import parse_utc_date_ms
 from strategies.features import (
     MACRO_WINDOW,
     MICRO_WINDOW,
@@ -79,13 +81,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _date(label: str, value: str) -> int:
-    try:
-        return parse_utc_date_ms(value)
-    except ValueError as exc:
-        raise TrainError(f"{label}: {exc}") from None
-
-
 TRAIN_FIELDS = [f for f in TrainConfig.__dataclass_fields__]
 
 
@@ -101,12 +96,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def periods_from_args(args: argparse.Namespace) -> tuple[tuple[int, int], tuple[int, int]]:
     """The training and validation periods (UTC ms, end exclusive); validation must not precede training's end."""
-    train_from, train_to = _date("--train-from", args.train_from), _date("--train-to", args.train_to)
-    valid_from, valid_to = _date("--valid-from", args.valid_from), _date("--valid-to", args.valid_to)
-    if train_to <= train_from or valid_to <= valid_from:
-        raise TrainError("each period must end after it starts")
+    train_from, train_to = parse_date("--train-from", args.train_from), parse_date("--train-to", args.train_to)
+    valid_from, valid_to = parse_date("--valid-from", args.valid_from), parse_date("--valid-to", args.valid_to)
+    check_order(train_from, train_to, from_option="--train-from", to_option="--train-to")
+    check_order(valid_from, valid_to, from_option="--valid-from", to_option="--valid-to")
     if valid_from < train_to:
-        raise TrainError("the validation period must start at or after the end of the training period")
+        raise UsageError("the validation period must start at or after the end of the training period")
     return (train_from, train_to), (valid_from, valid_to)
 
 
@@ -127,6 +122,8 @@ def main(args: argparse.Namespace) -> int:
     if args.validate_every < 1:
         raise TrainError("--validate-every must be >= 1")
     train_period, valid_period = periods_from_args(args)
+    # Checked before hours of training: the checkpoint, NAME.best.pt and NAME.metrics.jsonl go there.
+    check_output_file(args.out, "--out")
     candles = load_candle_files(args.data)
     spec = default_feature_spec()
     features = compute_features(candles, spec)

@@ -7,6 +7,11 @@ the kernel delivers them to the main thread. The handler (main thread) sets the 
 flight (the tick lock) before the caller closes the state. A tick that fails is logged (`tick_failed`) and
 retried at the next candle; three failures in a row, or an authentication error (exit 77), stop the daemon
 so systemd can restart it or a human can look.
+
+Start-up (docs/design.md §8): until the first tick, a stop signal raises `StartInterrupted` in the main thread
+wherever start-up is (importing, loading the model, a request in flight, a wait): start-up has nothing to
+finish. `StartWaiter` rides out an unreachable exchange at start: capped exponential backoff, `start_waiting`
+logged, READY=1 (once) and STATUS= sent to systemd, the watchdog fed while it sleeps.
 """
 
 from __future__ import annotations
@@ -18,14 +23,14 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
 from bot import notify
-from bot.errors import AuthenticationExchangeError, RitmoError
+from bot.errors import AuthenticationExchangeError, RitmoError, TemporaryExchangeError
 from bot.settings import Settings
 from strategies.candles import CANDLE_MS
 
@@ -42,6 +47,28 @@ MAX_TICK_FAILURES = 3
 # A replay pings systemd's watchdog at most this often (its ticks run hundreds of times a second).
 REPLAY_WATCHDOG_EVERY_S = 1.0
 
+# Waiting for an unreachable exchange at start: 5 s, 10 s, 20 s ... at most 5 minutes between attempts.
+# Each attempt is itself a read retried a few times (bot/exchange/client.py), so the exchange is not hammered.
+START_RETRY_FIRST_S = 5.0
+START_RETRY_MAX_S = 300.0
+# Longest sleep between two watchdog pings while waiting when $WATCHDOG_USEC is not set (not under systemd).
+START_WAIT_SLICE_S = 30.0
+
+T = TypeVar("T")
+
+
+class StartInterrupted(BaseException):
+    """A stop signal arrived during start-up (raised in the main thread by the signal handler).
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it. `waiting`
+    says whether the daemon had announced itself (READY=1) while waiting for the exchange.
+    """
+
+    def __init__(self, signum: int, waiting: bool = False) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.waiting = waiting
+
 
 class StopSignal:
     """SIGTERM/SIGINT -> a stop flag (and a callback run in the main thread, e.g. the scheduler's shutdown)."""
@@ -52,11 +79,29 @@ class StopSignal:
         self.on_stop: Callable[[], None] | None = None
         self._previous: dict[int, Any] = {}
 
-    def install(self) -> StopSignal:
-        """Install the handlers (main thread only)."""
+    def install(self, *, interrupt_start: bool = False) -> StopSignal:
+        """Install the handlers (main thread only); `interrupt_start`: a signal raises StartInterrupted until
+        `started()` is called."""
+        if interrupt_start:
+            self.on_stop = self._interrupt
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def started(self) -> None:
+        """Start-up is over: from now on a signal only sets the flag (and runs `on_stop`), so a tick finishes."""
+        if self.on_stop != self._interrupt:
+            return
+        self.on_stop = None
+        if self.is_set():
+            # The handler ran but its exception was lost (raised inside a `finally` or a library's except
+            # clause): still a stop during start-up.
+            assert self.signum is not None
+            raise StartInterrupted(self.signum)
+
+    def _interrupt(self) -> None:
+        assert self.signum is not None
+        raise StartInterrupted(self.signum)
 
     def restore(self) -> None:
         """Put the previous handlers back."""
@@ -214,6 +259,88 @@ def replay_ticks(
         if speed is not None:
             time.sleep(CANDLE_MS / 1000 / speed)
     return ticks, now
+
+
+def watchdog_interval_s(env: Mapping[str, str] | None = None) -> float | None:
+    """systemd's watchdog interval ($WATCHDOG_USEC, set when WatchdogSec= is on and meant for this process)."""
+    environ = os.environ if env is None else env
+    pid = environ.get("WATCHDOG_PID", "")
+    if pid and pid != str(os.getpid()):
+        return None
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    return usec / 1e6 if usec > 0 else None
+
+
+class StartWaiter:
+    """Runs the start-up steps that need the exchange, waiting out an unreachable one (docs/design.md §8).
+
+    `call(step, phase)` returns step()'s value; a TemporaryExchangeError (network, DNS, timeouts, 5xx, rate
+    limits) is logged as `start_waiting` and retried after 5 s, 10 s, 20 s ... capped at 5 minutes. On the first
+    wait the daemon tells systemd READY=1 (so `systemctl start`, deploy tools and boot are not held for as long
+    as the network is down, and the unit's TimeoutStartSec never fires on a patient wait) and from then on a
+    STATUS= line per attempt; it sleeps in slices of at most half the watchdog interval and pings WATCHDOG=1
+    after each. Any other error propagates at once: configuration (78), authentication (77), operational (1).
+    A stop signal while waiting raises StartInterrupted(waiting=True): the caller exits 0.
+    """
+
+    def __init__(
+        self,
+        *,
+        first_s: float | None = None,
+        max_s: float | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        # Module constants read at call time, so a test can shorten them.
+        self.first_s = START_RETRY_FIRST_S if first_s is None else first_s
+        self.max_s = START_RETRY_MAX_S if max_s is None else max_s
+        self._sleep = sleep
+        self._monotonic = monotonic
+        watchdog_s = watchdog_interval_s(env)
+        self.slice_s = START_WAIT_SLICE_S if watchdog_s is None else min(START_WAIT_SLICE_S, watchdog_s / 2)
+        self.attempts = 0
+        self.waited = False
+
+    def delay_s(self, failures: int) -> float:
+        """The wait after the n-th failed attempt in a row (n >= 1): first_s doubled each time, at most max_s."""
+        return min(self.max_s, self.first_s * 2 ** min(failures - 1, 30))
+
+    def call(self, step: Callable[[], T], phase: str) -> T:
+        """step(), retried while the exchange is unreachable."""
+        failures = 0
+        while True:
+            self.attempts += 1
+            try:
+                return self._guarded(step)
+            except TemporaryExchangeError as exc:
+                failures += 1
+                self._wait(phase, failures, exc)
+
+    def _guarded(self, step: Callable[[], T]) -> T:
+        try:
+            return step()
+        except StartInterrupted as exc:
+            raise StartInterrupted(exc.signum, waiting=self.waited) from None
+
+    def _wait(self, phase: str, failures: int, exc: TemporaryExchangeError) -> None:
+        delay = self.delay_s(failures)
+        log.warning("start_waiting", phase=phase, attempt=failures, retry_in_s=delay, error=str(exc))
+        if not self.waited:
+            # Up, though not warm: see the class docstring and the unit's comment on TimeoutStartSec.
+            self.waited = True
+            notify.notify_ready()
+        notify.notify_status(
+            f"waiting for the exchange ({phase}): attempt {failures} failed, next in {delay:g} s: {exc}"
+        )
+        notify.notify_watchdog()
+        deadline = self._monotonic() + delay
+        while (left := deadline - self._monotonic()) > 0:
+            self._guarded(lambda: self._sleep(min(left, self.slice_s)))
+            notify.notify_watchdog()
 
 
 def announce_ready() -> None:

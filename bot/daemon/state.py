@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bot.clock import wall_ms
-from bot.errors import RitmoError
+from bot.errors import ConfigError, RitmoError
+from bot.files.paths import os_problem, probe_directory
 from strategies.accounting import Fill
 
 if TYPE_CHECKING:  # the journal records brokers' intents; the state itself never trades
@@ -687,6 +688,91 @@ class StateStore:
             (kind, title, body, level, now, now),
         )
 
+    def commands(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Every command (of one status), oldest first, with `result` decoded."""
+        sql, args = "SELECT * FROM commands", ()
+        if status is not None:
+            sql, args = sql + " WHERE status = ?", (status,)
+        cur = self.conn.execute(sql + " ORDER BY id", args)
+        names = [d[0] for d in cur.description]
+        rows = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        for row in rows:
+            row["result"] = None if row["result"] is None else json.loads(row["result"])
+        return rows
+
+    def day_activity(self, start_ms: int, end_ms: int) -> dict[str, Any] | None:
+        """What the daemon did on candles opened in [start_ms, end_ms): the equity at its start and end, the
+        position at its end, fills and fees; None when no candle of it was marked (the daemon was down)."""
+        last = self._one(
+            "SELECT equity_after, position_after FROM decisions WHERE ts_ms >= ? AND ts_ms < ?"
+            " AND equity_after IS NOT NULL ORDER BY ts_ms DESC LIMIT 1",
+            (start_ms, end_ms),
+        )
+        if last is None:
+            return None
+        # The equity the day started from: the last mark before it, else the first mark in it.
+        before = self.conn.execute(
+            "SELECT equity_after FROM decisions WHERE ts_ms < ? AND equity_after IS NOT NULL ORDER BY ts_ms DESC"
+            " LIMIT 1",
+            (start_ms,),
+        ).fetchone()
+        if before is None:
+            before = self.conn.execute(
+                "SELECT equity_before FROM decisions WHERE ts_ms >= ? AND ts_ms < ? AND equity_before IS NOT NULL"
+                " ORDER BY ts_ms LIMIT 1",
+                (start_ms, end_ms),
+            ).fetchone()
+        trades, fees = self.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(fee_quote), 0) FROM fills WHERE decision_ts_ms >= ? AND decision_ts_ms < ?",
+            (start_ms, end_ms),
+        ).fetchone()
+        return {
+            "equity_start": None if before is None else float(before[0]),
+            "equity": float(last["equity_after"]),
+            "position": int(last["position_after"]),
+            "trades": int(trades),
+            "fees_quote": float(fees),
+        }
+
+    def outbox(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Outbox rows (of one status), oldest first."""
+        sql, args = "SELECT * FROM outbox", ()
+        if status is not None:
+            sql, args = sql + " WHERE status = ?", (status,)
+        cur = self.conn.execute(sql + " ORDER BY id", args)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def due_notifications(self, now_ms: int, limit: int = 20) -> list[dict[str, Any]]:
+        """Pending notifications whose next attempt is due, oldest first."""
+        cur = self.conn.execute(
+            "SELECT * FROM outbox WHERE status = 'pending' AND next_attempt_ms <= ? ORDER BY id LIMIT ?",
+            (now_ms, limit),
+        )
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def claim_notification(self, outbox_id: int, now_ms: int, retry_at_ms: int) -> int | None:
+        """Count one more attempt of a due notification and push its next attempt to retry_at_ms (before the
+        send, so a crash mid-send is counted and retried later, not at once); its attempts, or None if it is
+        no longer due (sent or claimed meanwhile)."""
+        cur = self.conn.execute(
+            "UPDATE outbox SET attempts = attempts + 1, next_attempt_ms = ?"
+            " WHERE id = ? AND status = 'pending' AND next_attempt_ms <= ?",
+            (retry_at_ms, outbox_id, now_ms),
+        )
+        if cur.rowcount != 1:
+            return None
+        return int(self.conn.execute("SELECT attempts FROM outbox WHERE id = ?", (outbox_id,)).fetchone()[0])
+
+    def finish_notification(self, outbox_id: int, status: str, now_ms: int, error: str | None = None) -> None:
+        """Mark a notification sent, failed (given up) or, with status pending, record its last error."""
+        self.conn.execute(
+            "UPDATE outbox SET status = ?, last_error = COALESCE(?, last_error),"
+            " sent_at_ms = CASE WHEN ? = 'sent' THEN ? ELSE sent_at_ms END WHERE id = ?",
+            (status, error, status, now_ms, outbox_id),
+        )
+
     # --- helpers --------------------------------------------------------------------------------
 
     def _one(self, sql: str, args: tuple[Any, ...] = ()) -> dict[str, Any] | None:
@@ -760,7 +846,10 @@ def _statements(script: str) -> list[str]:
 
 def _lock(path: Path) -> int:
     """An exclusive lock on `<db>.lock`: two daemons on one state would trade twice."""
-    fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -779,11 +868,20 @@ def open_state(
 ) -> StateStore:
     """Open (creating if needed) the state database of one mode and symbol; refuses another's database."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        probe_directory(path.parent)
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
     lock_fd = _lock(path) if lock else None
     try:
-        conn = _connect(path, durable=durable)
-        _migrate(conn, path)
+        try:
+            conn = _connect(path, durable=durable)
+            _migrate(conn, path)
+        except sqlite3.OperationalError as exc:
+            # The directory is writable (probed above), so the database file itself is read-only or unopenable.
+            raise ConfigError(f"cannot write state database {path}: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"state {path}: cannot be read as a ritmo state database ({exc})") from None
         store = StateStore(conn, path, lock_fd)
         stored = (store.get_meta("mode"), store.get_meta("symbol"))
         if stored == (None, None):
@@ -798,6 +896,11 @@ def open_state(
             os.close(lock_fd)
         raise
     return store
+
+
+def _unwritable(path: Path, exc: OSError) -> ConfigError:
+    """The one-line error for a state directory that cannot be made or written: a settings problem (exit 78)."""
+    return ConfigError(f"cannot write state directory {path.parent}: {os_problem(exc)}")
 
 
 def open_state_readonly(path: str | Path) -> StateStore:
@@ -821,8 +924,13 @@ def open_state_for_update(path: str | Path) -> StateStore:
     path = Path(path)
     if not path.is_file():
         raise StateError(f"no state database at {path} (has the daemon run with this mode, symbol and state dir?)")
-    conn = _connect(path, durable=True)
-    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    try:
+        conn = _connect(path, durable=True)
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.OperationalError as exc:
+        raise StateError(f"cannot write state database {path}: {exc}") from None
+    except sqlite3.DatabaseError as exc:
+        raise StateError(f"state {path}: cannot be read ({exc})") from None
     if version != SCHEMA_VERSION:
         conn.close()
         raise StateError(f"state {path} has schema version {version}; this ritmo writes version {SCHEMA_VERSION}")

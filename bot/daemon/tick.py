@@ -11,6 +11,11 @@ Each phase is a method of `Daemon` (`tick` runs them; `_tick_in_tx` is the part 
                still missing after retries the tick is `skipped` (stale_data, `_skip_stale`): nothing is traded,
                ever, for t.
   -- one SQLite transaction from here (BEGIN IMMEDIATE; `ritmo resume` serialises with it) --
+  1b. commands (`_apply_commands`) the operator's pending commands, oldest first (docs/design.md §13): pause,
+               resume and clear_halt take effect at once (before the halt is read, so a cleared halt trades at
+               this very tick); flatten sets the target flat and is applied by `_record` once the position is
+               flat, or stays pending when the tick cannot trade (a skip, a paused broker). Then, at the first
+               tick of a UTC day, the previous day's summary (`_daily_summary`).
   2. settle    (`_settle`) the previous step's reward ln(E_{t'+K} / E_{t'}), once candle t'+K has closed.
   3. episodes  (`_close_episodes`) a full episode (L settled steps) closes `pending` (its update runs after the
                commit); a break in the chain of decisions K candles apart (downtime, a skipped decision tick)
@@ -37,6 +42,10 @@ Phases 2-5 write before the order is sent on purpose: a live broker commits the 
 intent before sending, so the settlement (measured on the ledger before this tick's trade), the episodes closed
 and a halt are durable with it; a restart after a crash there must not settle on a ledger the fill has moved.
 
+Events and notifications: every event goes through `_event` (and each fill through `_notify`), which writes
+the events row and, when notifications are on, the outbox row in the same transaction; the outbox sender
+(bot/daemon/outbox.py) delivers them after the commit, so a slow service never delays a tick.
+
 Crash safety: the in-memory state is a cache of the database: it is (re)loaded by `start()` and after any
 failed tick, so a restart continues exactly where the last committed tick left off. A tick whose candle
 already has a decision row is a no-op (the decisions primary key forbids acting twice on one candle).
@@ -57,7 +66,9 @@ import torch
 
 from bot.brokers.base import Broker, Decision, ExecutionResult
 from bot.clock import wall_ms
+from bot.daemon.alerts import message_for
 from bot.daemon.feed import Candle, CandleFeed, FeedUpdate, last_closed_open_ms
+from bot.daemon.halt import clear_halt, marked_equity
 from bot.daemon.learner import LoadedModel, OnlineLearner, UpdateOutcome
 from bot.daemon.observer import BufferObserver
 from bot.daemon.state import KEEP_EPISODE_BLOBS, StateStore
@@ -70,6 +81,8 @@ from strategies.objectives import ex_ante_volatility, is_decision_candle
 from strategies.policy import decision_uniforms, greedy_action, probs_for_all_positions, sample_action
 
 log = structlog.get_logger(__name__)
+
+DAY_MS = 86_400_000
 
 
 @dataclass(frozen=True)
@@ -91,6 +104,9 @@ class DaemonConfig:
     slippage_bps: float = 0.0
     initial_cash: float = 10_000.0
     keep_checkpoints: int = 5
+    notify: bool = False
+    """Write notifications to the outbox (RITMO_NOTIFY_URLS set and not a replay: a replayed year must not
+    flood the operator)."""
 
     @classmethod
     def from_settings(cls, settings: Any, position_mode: str, **overrides: Any) -> DaemonConfig:
@@ -110,6 +126,7 @@ class DaemonConfig:
             "slippage_bps": settings.slippage_bps,
             "initial_cash": settings.paper_balance,
             "keep_checkpoints": settings.keep_checkpoints,
+            "notify": bool(getattr(settings, "notify_urls", ())) and settings.mode != "replay",
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -185,6 +202,10 @@ class _TickWork:
     reject_reason: str | None = None
     episode_id: int | None = None
     episode_step: int | None = None
+    paused: bool = False
+    """The operator paused new entries (meta `paused`): the policy may close or reduce, never open or grow."""
+    flatten: list[dict[str, Any]] = field(default_factory=list)
+    """Pending flatten commands this tick executes (the target is flat); applied by `_record`."""
 
 
 @dataclass
@@ -262,9 +283,11 @@ class Daemon:
                 "seed": cfg.seed,
                 "episode_steps": cfg.episode_steps,
                 "decide_every": self.decide_every,
+                # The fee rate the state trades at: `ritmo status` charges its buy-and-hold comparison the same.
+                "commission": cfg.commission,
             }
         )
-        store.add_event(
+        self._event(
             "state_created",
             {"initial_equity": opening_equity, "ledger": opening.to_dict(), "position_mode": cfg.position_mode},
         )
@@ -283,9 +306,19 @@ class Daemon:
                 "learning_guard": asdict(self.learner.guard),
             }
         )
-        self.store.add_event(
+        ledger = Ledger.from_dict(self.store.get_meta("ledger"))
+        last = self.store.get_meta("last_candle") or {}
+        self._event(
             "start",
-            {"model_version": self.loaded.version, "checkpoint": str(self.loaded.path), "mode": self.config.mode},
+            {
+                "model_version": self.loaded.version,
+                "checkpoint": str(self.loaded.path),
+                "mode": self.config.mode,
+                "equity": marked_equity(ledger, last),
+                "position": ledger.position,
+                "halted": bool((self.store.get_meta("halt") or {}).get("halted")),
+                "paused": bool((self.store.get_meta("paused") or {}).get("paused")),
+            },
         )
 
     def _reconcile_at_start(self) -> None:
@@ -301,9 +334,10 @@ class Daemon:
             check = {**check, "checked_at_ms": wall_ms()}
             store.set_meta("balance_check", check)
             if check.get("adjusted"):
-                store.add_event("ledger_adjusted", check)
+                self._event("ledger_adjusted", check)
         store.set_meta("ledger", ledger.to_dict())
-        self._save_broker_status()
+        # A fresh broker's breaker is closed whatever the last run left: not a transition to report.
+        self._save_broker_status(transitions=False)
 
     def _check_balances(self, ledger: Ledger, t: int) -> None:
         """Adopt the exchange's balances beyond dust (futures funding) before deciding; a failed read is skipped."""
@@ -317,13 +351,24 @@ class Daemon:
             return
         self.store.set_meta("balance_check", {**check, "checked_at_ms": wall_ms()})
         if check.get("adjusted"):
-            self.store.add_event("ledger_adjusted", check, candle_ts_ms=t)
+            self._event("ledger_adjusted", check, candle_ts_ms=t)
             self.store.set_meta("ledger", ledger.to_dict())
 
-    def _save_broker_status(self) -> None:
+    def _save_broker_status(self, *, transitions: bool = True) -> None:
+        """Save the broker's status (live: the circuit breaker); record the breaker opening or closing."""
         status = self.broker.status()
-        if status is not None:
-            self.store.set_meta("broker", status)
+        if status is None:
+            return
+        if transitions:
+            previous = (self.store.get_meta("broker") or {}).get("breaker") or {}
+            breaker = status.get("breaker") or {}
+            was, now = previous.get("state") or "closed", breaker.get("state")
+            # Only the edges of an outage: open <-> half_open trials every cooldown would repeat the alarm.
+            if now == "open" and was == "closed":
+                self._event("breaker_open", breaker, self.mem.last_decision_ts_ms if self.mem else None)
+            elif now == "closed" and was in ("open", "half_open"):
+                self._event("breaker_closed", breaker, self.mem.last_decision_ts_ms if self.mem else None)
+        self.store.set_meta("broker", status)
 
     def _check_compatible(self, meta: dict[str, Any]) -> None:
         cfg, store = self.config, self.store
@@ -336,7 +381,7 @@ class Daemon:
             )
         if meta.get("seed") != cfg.seed:
             log.warning("seed_changed", old=meta.get("seed"), new=cfg.seed)
-            store.add_event("seed_changed", {"old": meta.get("seed"), "new": cfg.seed})
+            self._event("seed_changed", {"old": meta.get("seed"), "new": cfg.seed})
             store.set_meta("seed", cfg.seed)
         if meta.get("episode_steps") != cfg.episode_steps:
             log.warning("episode_steps_changed", old=meta.get("episode_steps"), new=cfg.episode_steps)
@@ -345,7 +390,7 @@ class Daemon:
         if old_k != self.decide_every:
             # The open episode's steps are old_k candles apart: its chain and its settlement no longer hold.
             log.warning("decide_every_changed", old=old_k, new=self.decide_every)
-            store.add_event("decide_every_changed", {"old": old_k, "new": self.decide_every})
+            self._event("decide_every_changed", {"old": old_k, "new": self.decide_every})
             ep = store.open_episode()
             if ep is not None:
                 store.close_episode(int(ep["id"]), "discarded", truncated=True, reason="decide_every_changed")
@@ -418,6 +463,9 @@ class Daemon:
         trade, the episodes it closes, a halt); `_record` writes the rest, committed when the tick returns.
         """
         assert self.mem is not None
+        # Commands first: a clear_halt or a pause takes effect at this tick (the halt is read after it).
+        flatten = self._apply_commands(t)
+        self._daily_summary(t)
         halt = self.store.get_meta("halt") or {"halted": False}
         peak = self.store.get_meta("peak_equity")
         position_before = self.mem.ledger.position
@@ -432,6 +480,8 @@ class Daemon:
             return skip
         decides = bool(is_decision_candle(t, self.decide_every))
         w = _TickWork(t, t_in, candle, decides, position_before, halt, peak)
+        w.paused = bool((self.store.get_meta("paused") or {}).get("paused"))
+        w.flatten = flatten
         self._mark(w)
         obs = None
         if decides:
@@ -536,7 +586,7 @@ class Daemon:
                 "peak_equity": peak,
             }
             log.error("halt", reason=w.halt["reason"], equity=w.equity_before, peak_equity=peak)
-            self.store.add_event("halt", w.halt, candle_ts_ms=w.t)
+            self._event("halt", w.halt, candle_ts_ms=w.t)
         if w.halted and mem.episode is not None:
             self._close_episode(mem.episode, truncated=True, reason="halted", force_discard=True)
 
@@ -560,8 +610,13 @@ class Daemon:
             w.probs, w.action = self._policy(w.t, w.macro, w.micro, position)
         if w.halted:
             w.target, w.reason = 0, "halt"
+        elif w.flatten:
+            w.target, w.reason = 0, "flatten"
         elif w.decides:
             w.target, w.reason = int(target_position(w.action, position, cfg.position_mode)), "policy"
+            if w.paused and w.target not in (0, position):
+                # No new entry while paused: flat stays flat, a flip stops at flat; exits and holds go through.
+                w.target, w.reason = 0, "paused"
         else:
             w.target, w.reason = position, "between_decisions"
 
@@ -611,6 +666,10 @@ class Daemon:
         w.position_after = mem.ledger.position
         w.equity_after = mem.ledger.equity(w.candle.close)
         w.status, w.reject_reason = _status(w)
+        for fill in result.fills:
+            self._notify_trade(w, fill)
+        if w.flatten:
+            self._finish_flatten(w)
         if not w.halted and w.macro is not None and w.micro is not None:
             self._add_step(w, w.macro, w.micro)
         store.insert_decision(self._decision_row(w))
@@ -674,7 +733,7 @@ class Daemon:
             "episode_step": w.episode_step,
             "reason": w.reject_reason
             if result.status in ("rejected", "paused", "unknown")
-            else (w.reason if w.halted or not w.decides else None),
+            else (None if w.reason == "policy" else w.reason),
             "latency_ms": (self._perf() - w.t_in) * 1e3,
         }
 
@@ -697,7 +756,7 @@ class Daemon:
             k=mem.k,
             latency_ms=0.0,
             feed_ms=0.0,
-            reason=w.reject_reason or (None if w.decides or w.halted else w.reason),
+            reason=w.reject_reason or (None if w.halted or w.reason == "policy" else w.reason),
         )
 
     def _ex_ante_volatility(self) -> float | None:
@@ -844,7 +903,7 @@ class Daemon:
         with store.transaction():
             store.record_update(_update_row(outcome))
             if outcome.status == "rolled_back":
-                store.add_event("update_rolled_back", _rollback_detail(outcome), mem.last_decision_ts_ms)
+                self._event("update_rolled_back", _rollback_detail(outcome), mem.last_decision_ts_ms)
             store.finish_episode(outcome.episode_id, status, outcome.k, outcome.reason)
             store.set_meta("rhythm", {"k": k_next, "macro_updates": macro_next})
             if learned:
@@ -859,6 +918,171 @@ class Daemon:
                 mem.model = model
             store.prune_episode_blobs(outcome.episode_id - KEEP_EPISODE_BLOBS)
         mem.k, mem.macro_updates = k_next, macro_next
+
+    # --- operator commands (docs/design.md §13) ---------------------------------------------------------
+
+    def _apply_commands(self, t: int) -> list[dict[str, Any]]:
+        """Apply the pending commands oldest first (inside the tick's transaction); the pending flattens.
+
+        pause, resume and clear_halt are applied here; a flatten is returned for this tick to execute and is
+        applied (or left pending) by `_record`. A tick that is a skip returns before `_record`: its flattens
+        stay pending for the next tick that can trade. A tick that raises rolls all of it back.
+        """
+        flatten: list[dict[str, Any]] = []
+        for cmd in self.store.pending_commands():
+            kind = cmd["kind"]
+            if kind == "flatten":
+                flatten.append(cmd)
+            elif kind == "pause":
+                self._finish_command(cmd, "applied", self._set_paused(cmd, True), t)
+            elif kind == "resume":
+                self._finish_command(cmd, "applied", self._set_paused(cmd, False), t)
+            elif kind == "clear_halt":
+                self._finish_command(cmd, "applied", self._clear_halt(cmd, t), t)
+            else:  # the table's CHECK constraint admits no other kind; a hand-edited row can never apply
+                self._finish_command(cmd, "rejected", {"reason": f"unknown command {kind!r}"}, t)
+        return flatten
+
+    def _set_paused(self, cmd: dict[str, Any], paused: bool) -> dict[str, Any]:
+        """pause / resume: the meta `paused`; a pause that is already in force (or a resume without one) is a no-op."""
+        current = self.store.get_meta("paused") or {"paused": False}
+        if bool(current.get("paused")) == paused:
+            return {"changed": False, "paused": paused}
+        self.store.set_meta(
+            "paused",
+            {"paused": paused, "by": cmd["requested_by"], "at_ms": wall_ms(), "command_id": int(cmd["id"])},
+        )
+        return {"changed": True, "paused": paused}
+
+    def _clear_halt(self, cmd: dict[str, Any], t: int) -> dict[str, Any]:
+        """clear_halt: what `ritmo resume` does (halt cleared, peak reset to the current equity, `resume` event)."""
+        assert self.mem is not None
+        detail = clear_halt(self.store, self.mem.ledger, {"by": cmd["requested_by"], "command_id": cmd["id"]})
+        if detail is None:
+            return {"changed": False, "halted": False}
+        self._event("resume", detail, candle_ts_ms=t)
+        return {
+            "changed": True,
+            "previous_reason": detail["previous"].get("reason"),
+            "peak_equity": detail["peak_equity_reset_to"],
+        }
+
+    def _finish_flatten(self, w: _TickWork) -> None:
+        """Apply this tick's flatten commands once the position is flat; a paused or ambiguous order leaves them
+        pending (the next tick tries again), an order the broker refused rejects them (never retried blindly)."""
+        mem = self.mem
+        assert mem is not None
+        result = w.result
+        if result.status == "rejected":
+            outcome = {"reason": f"flatten order refused: {result.reject_reason}", "position": mem.ledger.position}
+            for cmd in w.flatten:
+                self._finish_command(cmd, "rejected", outcome, w.t)
+            return
+        if result.status in ("paused", "unknown") or mem.ledger.position != 0:
+            log.warning("command_deferred", kind="flatten", ids=[c["id"] for c in w.flatten], order=result.status)
+            return
+        outcome = {
+            "changed": w.position_before != 0,
+            "position_before": w.position_before,
+            "client_order_id": result.intent.client_order_id if result.intent else None,
+            "qty_base": sum(f.qty_base for f in result.fills),
+            "fill_price": result.fill_price,
+            "fee_quote": result.fee_quote,
+        }
+        for cmd in w.flatten:
+            self._finish_command(cmd, "applied", outcome, w.t)
+
+    def _finish_command(self, cmd: dict[str, Any], status: str, result: dict[str, Any], t: int) -> None:
+        """Audit one command: its row (status, candle, result), a `command` event (notified), a log line."""
+        self.store.finish_command(int(cmd["id"]), status, result, candle_ts_ms=t)
+        detail = {
+            "id": int(cmd["id"]),
+            "kind": cmd["kind"],
+            "requested_by": cmd["requested_by"],
+            "requested_at_ms": cmd["requested_at_ms"],
+            "status": status,
+            "result": result,
+        }
+        (log.info if status == "applied" else log.warning)(
+            "command_applied" if status == "applied" else "command_rejected",
+            id=detail["id"],
+            kind=cmd["kind"],
+            requested_by=cmd["requested_by"],
+            result=result,
+        )
+        self._event("command", detail, candle_ts_ms=t)
+
+    # --- events and notifications ---------------------------------------------------------------
+
+    def _event(self, kind: str, detail: dict[str, Any] | None = None, candle_ts_ms: int | None = None) -> None:
+        """The one way the daemon records an event: the events row and (notifications on) its outbox row, in the
+        caller's transaction, so an event and its notification commit or roll back together."""
+        self.store.add_event(kind, detail, candle_ts_ms=candle_ts_ms)
+        self._notify(kind, detail or {})
+
+    def _notify(self, kind: str, detail: dict[str, Any]) -> None:
+        """Queue the notification of an event or fill (when notifications are on and the kind is notified)."""
+        if not self.config.notify:
+            return
+        message = message_for(kind, detail, {"mode": self.config.mode, "symbol": self.config.symbol})
+        if message is not None:
+            title, body, level = message
+            self.store.enqueue_notification(kind, title, body, level)
+
+    def _notify_trade(self, w: _TickWork, fill: Any) -> None:
+        """A `trade` notification per fill (the fills table is the record: no events row)."""
+        self._notify(
+            "trade",
+            {
+                "side": fill.side,
+                "qty_base": fill.qty_base,
+                "price": fill.price,
+                "fee_quote": fill.fee_quote,
+                "position_before": fill.position_before,
+                "position_after": fill.position_after,
+                "reason": w.reason,
+                "equity": w.equity_after,
+                "candle_ts_ms": w.t,
+            },
+        )
+
+    def _daily_summary(self, t: int) -> None:
+        """At the first tick of a UTC day, the previous day's summary (an event, once per day: meta key
+        `daily_summary` holds the last day summarised, so a restart does not repeat it)."""
+        day_start = t - t % DAY_MS
+        prev_start = day_start - DAY_MS
+        done = self.store.get_meta("daily_summary") or {}
+        if int(done.get("day_start_ms", -1)) >= prev_start:
+            return
+        day = iso_utc(prev_start)[:10]
+        self.store.set_meta("daily_summary", {"day": day, "day_start_ms": prev_start})
+        activity = self.store.day_activity(prev_start, day_start)
+        if activity is None:  # the daemon did not run that day: nothing to sum up
+            return
+        start = activity["equity_start"]
+        pnl = activity["equity"] - start if start else None
+        detail = {
+            "day": day,
+            **activity,
+            "pnl_quote": pnl,
+            "pnl_pct": 100.0 * pnl / start if pnl is not None and start else None,
+        }
+        log.info("daily_summary", **detail)
+        self._event("daily_summary", detail, candle_ts_ms=t)
+
+    def record_stop(self, reason: str, exit_code: int = 0) -> None:
+        """Record (and notify) the daemon's stop: `ritmo run` calls it after the last tick, before closing the state."""
+        store = self.store
+        with store.transaction():
+            ledger = Ledger.from_dict(store.get_meta("ledger"))
+            last = store.get_meta("last_candle") or {}
+            detail = {
+                "reason": reason,
+                "exit_code": int(exit_code),
+                "equity": marked_equity(ledger, last),
+                "position": ledger.position,
+            }
+            self._event("stop", detail, candle_ts_ms=last.get("ts_ms"))
 
     # --- end of a replay ------------------------------------------------------------------------
 
@@ -881,7 +1105,7 @@ class Daemon:
         }
         with self.store.transaction():
             self.store.set_meta("last_candle", {"ts_ms": candle.ts_ms, "close": candle.close})
-            self.store.add_event("mark", summary, candle_ts_ms=candle.ts_ms)
+            self._event("mark", summary, candle_ts_ms=candle.ts_ms)
         return summary
 
     # --- logging --------------------------------------------------------------------------------
