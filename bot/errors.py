@@ -66,6 +66,10 @@ class OperationalExchangeError(ExchangeError):
     """The exchange refused the request for a reason a retry will not fix (bad symbol, bad order)."""
 
 
+class UnknownSymbolError(OperationalExchangeError):
+    """The exchange does not list the symbol (at start: a configuration problem, RITMO_SYMBOL)."""
+
+
 class AuthenticationExchangeError(ExchangeError):
     """Keys or permissions are wrong: stop and ask a human."""
 

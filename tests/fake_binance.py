@@ -133,7 +133,10 @@ class FakeBinance:
         ip_restricted: bool = True,
         hang_s: float = 2.0,
         candles: Any = None,
+        port: int = 0,
     ) -> None:
+        # 0: a free port chosen at start(); a fixed one lets a client be pointed here before the server is up.
+        self._bind_port = int(port)
         self.api_key = api_key
         self.api_secret = api_secret
         self.prices: dict[str, Decimal] = {"BTCUSDT": Decimal(str(price)), "BNBUSDT": Decimal(str(bnb_price))}
@@ -170,9 +173,9 @@ class FakeBinance:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> FakeBinance:
-        """Listen on 127.0.0.1 on a free port, serving from a background thread."""
+        """Listen on 127.0.0.1 (on `port`, else a free port), serving from a background thread."""
         handler = type("_BoundHandler", (_Handler,), {"fake": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", self._bind_port), handler)
         self._server.daemon_threads = True
         # A short poll interval: shutdown() waits up to one interval, once per test.
         self._thread = threading.Thread(
@@ -198,8 +201,10 @@ class FakeBinance:
 
     @property
     def port(self) -> int:
-        """The port the server listens on."""
-        assert self._server is not None, "start() first"
+        """The port the server listens on (the fixed port it will listen on, before start())."""
+        if self._server is None:
+            assert self._bind_port, "start() first"
+            return self._bind_port
         return int(self._server.server_address[1])
 
     @property

@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import pytest
 from bot.daemon.service import StartInterrupted, StartWaiter, StopSignal
 from bot.errors import AuthenticationExchangeError, ConfigError, TemporaryExchangeError
 from bot.settings import LIVE_CONFIRM_PHRASE
-from tests.fake_binance import TEST_API_KEY, TEST_API_SECRET, FakeBinance, _Handler
+from tests.fake_binance import TEST_API_KEY, TEST_API_SECRET, FakeBinance
 from tests.test_daemon import make_checkpoint
 from tests.test_runner import NotifyReceiver
 
@@ -49,28 +48,6 @@ sys.exit(main(sys.argv[1:]))
 @pytest.fixture(autouse=True)
 def _localhost_only(localhost_only: None) -> None:
     """Only 127.0.0.1 (tests/conftest.py)."""
-
-
-class FakeBinanceOnPort(FakeBinance):
-    """The fake Binance server on a port chosen before it starts, so a client can be pointed at it while down."""
-
-    def __init__(self, port: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._fixed_port = port
-
-    @property
-    def port(self) -> int:
-        return self._fixed_port
-
-    def start(self) -> FakeBinanceOnPort:
-        handler = type("_BoundHandler", (_Handler,), {"fake": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", self._fixed_port), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-binance", daemon=True
-        )
-        self._thread.start()
-        return self
 
 
 def free_port() -> int:
@@ -172,7 +149,7 @@ class Daemon:
 def test_exchange_down_at_start_then_up_warms_up_and_ticks(
     tmp_path: Path, checkpoint: Path, candles_2024: pd.DataFrame, notify_socket: NotifyReceiver
 ) -> None:
-    fake = FakeBinanceOnPort(free_port(), candles=candles_2024)
+    fake = FakeBinance(port=free_port(), candles=candles_2024)
     pin_mid_candle(fake)
     env = env_for(fake, tmp_path / "state", checkpoint, NOTIFY_SOCKET=os.environ["NOTIFY_SOCKET"])
     daemon = Daemon(env, tmp_path, "--once")
@@ -204,7 +181,7 @@ def test_exchange_down_at_start_then_up_warms_up_and_ticks(
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_while_waiting_exits_0_promptly(tmp_path: Path, checkpoint: Path, sig: int) -> None:
-    fake = FakeBinanceOnPort(free_port())  # never started
+    fake = FakeBinance(port=free_port())  # never started
     daemon = Daemon(env_for(fake, tmp_path / "state", checkpoint), tmp_path)
     daemon.wait_for("start_waiting")
     sent = time.monotonic()

@@ -64,9 +64,9 @@ from bot.daemon.state import StateStore, open_state
 from bot.errors import (
     AuthenticationExchangeError,
     ConfigError,
-    OperationalExchangeError,
     RitmoError,
     TemporaryExchangeError,
+    UnknownSymbolError,
     UsageError,
 )
 from bot.exchange.rules import MarketRules
@@ -89,7 +89,6 @@ STATE_FILE_SUFFIXES = ("", "-wal", "-shm", ".lock")
 # How long a stopping daemon waits for the notifications still due (its own stop among them).
 SENDER_FLUSH_S = 5.0
 # bot/exchange/client.py's check_symbol says this when the exchange does not list the symbol.
-_UNLISTED_SYMBOL = "has no market"
 
 
 class ReplayError(RitmoError):
@@ -518,10 +517,8 @@ def _connect_exchange(client: ExchangeClient, symbol: str, clock: ExchangeClock 
     """
     try:
         client.check_symbol(symbol)
-    except OperationalExchangeError as exc:
-        if _UNLISTED_SYMBOL in str(exc):
-            raise ConfigError(f"RITMO_SYMBOL={symbol!r} is invalid: {exc}") from None
-        raise
+    except UnknownSymbolError as exc:
+        raise ConfigError(f"RITMO_SYMBOL={symbol!r} is invalid: {exc}") from None
     if clock is not None:
         clock.sync()
     return client.market_rules(symbol)

@@ -41,6 +41,7 @@ from bot.errors import (
     ExchangeError,
     OperationalExchangeError,
     TemporaryExchangeError,
+    UnknownSymbolError,
 )
 from bot.exchange.rules import CLIENT_ORDER_ID_RE, MarketRules
 from strategies.candles import CANDLE_MS, empty_candles, normalize_ohlcv_rows
@@ -626,7 +627,7 @@ class ExchangeClient:
         if symbol not in (markets or {}):
             close = difflib.get_close_matches(symbol, list(markets or {}), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise OperationalExchangeError(f"{self.id} has no market {symbol!r}{hint}")
+            raise UnknownSymbolError(f"{self.id} has no market {symbol!r}{hint}")
 
     def server_time_ms(self) -> int:
         """The exchange's clock in epoch ms (fetch_time, retried); the local clock only if it has none."""
