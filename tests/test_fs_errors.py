@@ -9,8 +9,6 @@ that refuses new files even to root (skipped where it does not).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import signal
 import subprocess
@@ -21,8 +19,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bot.cli import main
 from tests.conftest import DATA_2024
+from tests.test_cli import _run
 from tests.test_daemon import make_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,14 +38,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, candles_2024: pd.DataFr
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "fs.pt", candles_2024)
 
 
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 def _one_line(err: str, command: str) -> str:

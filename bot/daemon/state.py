@@ -667,9 +667,7 @@ class StateStore:
 
     def pending_commands(self) -> list[dict[str, Any]]:
         """Commands not applied yet, oldest first."""
-        cur = self.conn.execute("SELECT * FROM commands WHERE status = 'pending' ORDER BY id")
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        return self.commands("pending")
 
     def finish_command(
         self, command_id: int, status: str, result: dict[str, Any] | None = None, candle_ts_ms: int | None = None
@@ -690,12 +688,7 @@ class StateStore:
 
     def commands(self, status: str | None = None) -> list[dict[str, Any]]:
         """Every command (of one status), oldest first, with `result` decoded."""
-        sql, args = "SELECT * FROM commands", ()
-        if status is not None:
-            sql, args = sql + " WHERE status = ?", (status,)
-        cur = self.conn.execute(sql + " ORDER BY id", args)
-        names = [d[0] for d in cur.description]
-        rows = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        rows = self._rows_of("commands", status)
         for row in rows:
             row["result"] = None if row["result"] is None else json.loads(row["result"])
         return rows
@@ -736,12 +729,7 @@ class StateStore:
 
     def outbox(self, status: str | None = None) -> list[dict[str, Any]]:
         """Outbox rows (of one status), oldest first."""
-        sql, args = "SELECT * FROM outbox", ()
-        if status is not None:
-            sql, args = sql + " WHERE status = ?", (status,)
-        cur = self.conn.execute(sql + " ORDER BY id", args)
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        return self._rows_of("outbox", status)
 
     def due_notifications(self, now_ms: int, limit: int = 20) -> list[dict[str, Any]]:
         """Pending notifications whose next attempt is due, oldest first."""
@@ -774,6 +762,16 @@ class StateStore:
         )
 
     # --- helpers --------------------------------------------------------------------------------
+
+    def _rows_of(self, table: str, status: str | None) -> list[dict[str, Any]]:
+        """Every row of `commands` or `outbox` (of one status), oldest first, as dicts."""
+        assert table in ("commands", "outbox")
+        sql, args = f"SELECT * FROM {table}", ()
+        if status is not None:
+            sql, args = sql + " WHERE status = ?", (status,)
+        cur = self.conn.execute(sql + " ORDER BY id", args)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
     def _one(self, sql: str, args: tuple[Any, ...] = ()) -> dict[str, Any] | None:
         cur = self.conn.execute(sql, args)
