@@ -129,7 +129,10 @@ def test_csv_holds_the_same_rows(replay: dict[str, Any], tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        (["--from", "2024-12-03", "--to", "2024-12-02"], "--to 2024-12-02 must be after --from 2024-12-03"),
+        (
+            ["--from", "2024-12-03", "--to", "2024-12-02"],
+            "--to must be after --from: --to 2024-12-02 00:00 is not after --from 2024-12-03 00:00 (UTC)",
+        ),
         (["--from", "2024-12-03", "--to", "2024-12-03"], "must be after"),
         (["--from", "yesterday"], "invalid date 'yesterday'"),
     ],

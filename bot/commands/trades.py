@@ -18,9 +18,10 @@ from typing import Any
 
 from bot.daemon.report import find_state_db, match_state_fills
 from bot.daemon.state import open_state_readonly
-from bot.errors import ConfigError, RitmoError, UsageError
+from bot.errors import ConfigError, RitmoError
+from bot.offline.periods import check_order, parse_date
 from bot.settings import MODES
-from strategies.candles import CANDLE_MS, iso_utc, parse_utc_date_ms
+from strategies.candles import CANDLE_MS, iso_utc
 
 # Columns of --csv and keys of --json, in this order.
 COLUMNS = (
@@ -63,13 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def period_ms(date_from: str | None, date_to: str | None) -> tuple[int | None, int | None]:
     """--from and --to as epoch ms (None where not given); a bad or reversed period is a usage error."""
-    try:
-        from_ms = parse_utc_date_ms(date_from) if date_from is not None else None
-        to_ms = parse_utc_date_ms(date_to) if date_to is not None else None
-    except ValueError as exc:
-        raise UsageError(f"--from/--to: {exc}") from None
-    if from_ms is not None and to_ms is not None and to_ms <= from_ms:
-        raise UsageError(f"--to {date_to} must be after --from {date_from} (--to is exclusive)")
+    from_ms = parse_date("--from", date_from) if date_from is not None else None
+    to_ms = parse_date("--to", date_to) if date_to is not None else None
+    if from_ms is not None and to_ms is not None:
+        check_order(from_ms, to_ms)
     return from_ms, to_ms
 
 

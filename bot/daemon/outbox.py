@@ -36,7 +36,7 @@ import structlog
 
 from bot.clock import wall_ms
 from bot.daemon.alerts import message_for
-from bot.daemon.state import StateStore, open_state_for_update
+from bot.daemon.state import open_state_for_update
 from strategies.candles import iso_utc
 
 log = structlog.get_logger(__name__)
@@ -102,7 +102,9 @@ class OutboxSender:
         self.batch = int(batch)
         self._clock = clock
         self._notifier = notifier if notifier is not None else Notifier(urls)
-        self.store = StateStore(_connect(self.db_path), self.db_path)
+        # Its own connection (the daemon's belongs to the tick). Losing a `sent` mark to a power cut resends one
+        # message (at least once): synchronous NORMAL is enough.
+        self.store = open_state_for_update(self.db_path, durable=False)
         """The sender's own view of the state (its connection is used by one thread at a time)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -191,17 +193,6 @@ class OutboxSender:
     def _backoff_ms(self, attempt: int) -> int:
         """Wait after attempt n (1-based): backoff_s * 2^(n-1), capped at backoff_max_s."""
         return int(1000 * min(self.backoff_s * 2 ** min(attempt - 1, 30), self.backoff_max_s))
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    """The sender's own connection (the daemon's belongs to the tick); waits on the tick's short transactions."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no state database at {path}")
-    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 30000")
-    # Losing a `sent` mark to a power cut resends one message (at least once): NORMAL is enough here.
-    conn.execute("PRAGMA synchronous = NORMAL")
-    return conn
 
 
 def notify_auth_failure(settings: Any, error: str, *, exit_code: int = 77, deadline_s: float = 5.0) -> bool:

@@ -243,6 +243,13 @@ def _performance(
     return out
 
 
+def buy_hold_ledger(initial_cash: float, start_close: float, commission: float) -> Ledger:
+    """The buy-and-hold comparison's ledger: the initial cash bought at `start_close` with one buy fee."""
+    ledger = Ledger(cash_quote=initial_cash)
+    ledger.apply_action(BUY, start_close, commission, 0.0, "long_only")
+    return ledger
+
+
 def _buy_hold(
     store: StateStore, meta: dict[str, Any], fills: list[dict[str, Any]], initial: float | None, close: float | None
 ) -> dict[str, Any] | None:
@@ -265,8 +272,7 @@ def _buy_hold(
         notional = sum(f["notional_quote"] for f in fills)
         fees = sum(f["fee_quote"] for f in fills)
         commission, basis = (fees / notional, "fills") if notional > 0 else (0.0, "gross")
-    ledger = Ledger(cash_quote=float(initial))
-    ledger.apply_action(BUY, start_close, float(commission), 0.0, "long_only")
+    ledger = buy_hold_ledger(float(initial), start_close, float(commission))
     equity = ledger.equity(float(close))
     return {
         "start_ts": iso_utc(start_ts_ms + CANDLE_MS),

@@ -917,13 +917,15 @@ def open_state_readonly(path: str | Path) -> StateStore:
     return StateStore(conn, path)
 
 
-def open_state_for_update(path: str | Path) -> StateStore:
-    """Open an existing state database for a small operator write (`ritmo resume`): no daemon lock taken."""
+def open_state_for_update(path: str | Path, *, durable: bool = True) -> StateStore:
+    """Open an existing state database for a small write beside the daemon (`ritmo resume`, a command, the
+    outbox sender): no daemon lock taken. `durable=False` (synchronous NORMAL) where a write lost to a power
+    cut is harmless."""
     path = Path(path)
     if not path.is_file():
         raise StateError(f"no state database at {path} (has the daemon run with this mode, symbol and state dir?)")
     try:
-        conn = _connect(path, durable=True)
+        conn = _connect(path, durable=durable)
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     except sqlite3.OperationalError as exc:
         raise StateError(f"cannot write state database {path}: {exc}") from None

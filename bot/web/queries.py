@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bot.daemon.report import collect_status
+from bot.daemon.report import buy_hold_ledger, collect_status
 from bot.daemon.state import COMMAND_KINDS, SCHEMA_VERSION, StateStore, open_state_for_update
 from bot.errors import RitmoError
 from strategies.accounting import Ledger
-from strategies.actions import ACTION_NAMES, BUY
+from strategies.actions import ACTION_NAMES
 from strategies.candles import iso_utc
 
 # A read waits at most this long for SQLite's own locks (a tick never holds readers off in WAL mode).
@@ -352,9 +352,7 @@ def _buy_hold_ledger(status: dict[str, Any]) -> Ledger | None:
     bh, initial = status.get("buy_hold"), status.get("initial_cash")
     if not bh or initial is None or not bh.get("start_close"):
         return None
-    ledger = Ledger(cash_quote=float(initial))
-    ledger.apply_action(BUY, float(bh["start_close"]), float(bh.get("commission") or 0.0), 0.0, "long_only")
-    return ledger
+    return buy_hold_ledger(float(initial), float(bh["start_close"]), float(bh.get("commission") or 0.0))
 
 
 def downsample_indices(n: int, max_points: int) -> list[int]:
