@@ -90,6 +90,12 @@ def table(f: dict[str, Any]) -> list[str]:
     on, off = month["learning"], month.get("frozen")
     year_s = year["learning"]["month_wall_s"] if year else None
     bt_s, bt_mb = f["backtest"]
+    # The replays' processes, and a paper tick through ccxt (the live path: ccxt's import is ~53 MB).
+    rss = {"month replay": on["peak_rss_mb"], "paper tick via ccxt": month.get("paper", {}).get("peak_rss_mb")}
+    if year:
+        rss["year replay"] = year["learning"]["peak_rss_mb"]
+    rss_txt = "; ".join(f"{name} {_fmt(mb, 'MB', 0)}" for name, mb in rss.items())
+    worst_rss = max((mb for mb in rss.values() if mb is not None), default=None)
     sb3 = [train.get(f"sb3_ppo_{n}_envs_steps_s") for n in (1, 8)]
     sb3_txt = "; ".join(
         f"SB3 PPO {n} env{'s' if n > 1 else ''}: {_fmt(r, 'steps/s', 0)}" for n, r in zip((1, 8), sb3, strict=True)
@@ -108,7 +114,12 @@ def table(f: dict[str, Any]) -> list[str]:
             _met(on["month_wall_s"], 10),
         ),
         ("year replay with learning (2024)", _fmt(year_s, "s"), "<= 120 s", _met(year_s, 120)),
-        ("daemon peak RSS, learning on", _fmt(on["peak_rss_mb"], "MB", 0), "<= 300 MB", _met(on["peak_rss_mb"], 300)),
+        (
+            "daemon peak RSS, learning on",
+            f"{_fmt(worst_rss, 'MB', 0)} (the largest of: {rss_txt})",
+            "<= 300 MB",
+            _met(worst_rss, 300),
+        ),
         (
             "year backtest, whole command",
             f"{bt_s:.2f} s, {bt_mb:.0f} MB",

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bot.daemon.feed import CandleBatch, CandleBuffer
+from bot.daemon.feed import CandleBuffer
 from strategies.bundle import history_needed, observe, random_bundle
-from strategies.candles import VALUE_COLUMNS
+from strategies.candles import VALUE_COLUMNS, CandleBatch
 from strategies.features import compute_features
 from strategies.incremental import IncrementalFeatures
 
@@ -57,7 +57,7 @@ def time_windowed(df: pd.DataFrame, bundle, start: int, ticks: int) -> tuple[flo
     t0 = time.perf_counter()
     for batch in batches:
         buf.extend(batch)
-        obs.append(observe(buf.window(history), bundle))
+        obs.append(observe(buf.window(history).to_frame(), bundle))
     return time.perf_counter() - t0, obs
 
 
@@ -117,7 +117,7 @@ def main() -> None:
     print(f"max |incremental - windowed| over {len(diffs)} observations: {max(diffs):.3g} (float32 values)")
     # After all the incremental ticks: the engine's EWM seeds are `ticks` candles older than the window's.
     end = args.start + args.ticks
-    window_obs = observe(_buffer(df, end, history_needed(bundle)).window(history_needed(bundle)), bundle)
+    window_obs = observe(_buffer(df, end, history_needed(bundle)).window(history_needed(bundle)).to_frame(), bundle)
     last = inc[0][2][-1]
     assert window_obs is not None and last is not None
     gap = max(float(np.abs(x.astype(np.float64) - y).max()) for x, y in zip(last, window_obs, strict=True))

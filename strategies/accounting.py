@@ -41,7 +41,6 @@ _POSITIONS = {"long_short": (-1, 0, 1), "long_only": (0, 1)}
 Side = Literal["buy", "sell"]
 
 
-
 def target_position(action: Any, position: Any, mode: str) -> Any:
     """Target position after `action` from `position`; ints, numpy arrays or torch tensors, elementwise.
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from strategies.actions import HOLD
@@ -30,6 +29,9 @@ from strategies.features import (
 )
 from strategies.objectives import is_decision_candle
 from strategies.policy import N_ACTIONS, PolicyNet, probs_for_all_positions
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_INITIAL_CASH = 10_000.0
 

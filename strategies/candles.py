@@ -1,18 +1,26 @@
-"""Candles as DataFrames: validation, gap finding, the one converter for exchange rows, UTC date parsing.
+"""Candles as arrays (`CandleBatch`) and as DataFrames: validation, gap finding, the one converter for exchange
+rows, UTC date parsing.
 
 Pure code (no I/O, no clock): a candle is `(ts_ms, open, high, low, close, volume)` where `ts_ms` is the
 candle's open time in UTC epoch milliseconds, on a 5-minute boundary. A candle is closed when
 `ts_ms + CANDLE_MS <= now_ms`.
+
+pandas is imported inside the functions that take or build a DataFrame, never at module level: the daemon works
+on arrays only and stays ~85 MB lighter without it (docs/design.md §8).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CANDLE_MS = 300_000
 PRICE_COLUMNS = ("open", "high", "low", "close")
@@ -79,28 +87,94 @@ def parse_utc_date_ms(s: str) -> int:
     return (dt - _EPOCH) // timedelta(milliseconds=1)
 
 
+@dataclass(frozen=True)
+class CandleBatch:
+    """Candles as parallel arrays, oldest first: ts_ms (n,) int64 and values (n, 5) float64 OHLCV."""
+
+    ts_ms: np.ndarray
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.ts_ms.shape[0])
+
+    @classmethod
+    def empty(cls) -> CandleBatch:
+        """No candles."""
+        return cls(np.empty(0, dtype=np.int64), np.empty((0, len(VALUE_COLUMNS)), dtype=np.float64))
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame) -> CandleBatch:
+        """From a canonical candle frame (ts_ms + OHLCV columns)."""
+        return cls(
+            np.ascontiguousarray(df["ts_ms"].to_numpy(dtype=np.int64)),
+            np.ascontiguousarray(df[list(VALUE_COLUMNS)].to_numpy(dtype=np.float64)),
+        )
+
+    def column(self, name: str) -> np.ndarray:
+        """One value column (n,) by name (`open` ... `volume`), a view."""
+        return self.values[:, VALUE_COLUMNS.index(name)]
+
+    def to_frame(self) -> pd.DataFrame:
+        """The canonical candle frame (ts_ms int64 + float64 OHLCV, fresh index); imports pandas."""
+        import pandas as pd
+
+        frame = {"ts_ms": np.asarray(self.ts_ms, dtype=np.int64)}
+        frame.update({c: np.asarray(self.values[:, j], dtype=np.float64) for j, c in enumerate(VALUE_COLUMNS)})
+        return pd.DataFrame(frame)
+
+
 def empty_candles() -> pd.DataFrame:
     """An empty candle frame with the canonical columns and dtypes."""
-    return pd.DataFrame(
-        {"ts_ms": pd.Series([], dtype="int64"), **{c: pd.Series([], dtype="float64") for c in VALUE_COLUMNS}}
-    )
+    return CandleBatch.empty().to_frame()
+
+
+def _number_or_nan(x: object) -> float:
+    """A value of an exchange row as a float; None, text that is no number, or anything else odd: NaN."""
+    if isinstance(x, bool) or x is None:
+        return math.nan
+    try:
+        return float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _whole_ms(t: object) -> int:
+    """An exchange row's timestamp as int epoch ms; ValueError unless it is a whole, finite number."""
+    if isinstance(t, int) and not isinstance(t, bool):
+        return t
+    try:
+        f = float(t)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        f = math.nan
+    if isinstance(t, bool) or not math.isfinite(f) or f != math.floor(f):
+        raise ValueError(f"OHLCV timestamp {t!r} is not a whole number of milliseconds")
+    return int(f)
+
+
+def ohlcv_batch(rows: Iterable[Sequence[object]], now_ms: int) -> CandleBatch:
+    """Turn ccxt OHLCV rows into canonical candles: cast, de-duplicate (last wins), sort, closed only.
+
+    A timestamp that is not a whole number raises ValueError; any other value that is not a number becomes NaN
+    (an exchange's missing volume), which validation then refuses loudly.
+    """
+    rows = [list(r)[:6] for r in rows]
+    if not rows:
+        return CandleBatch.empty()
+    if any(len(r) < 6 for r in rows):
+        raise ValueError("an OHLCV row has fewer than 6 fields (timestamp, open, high, low, close, volume)")
+    ts = np.array([_whole_ms(r[0]) for r in rows], dtype=np.int64)
+    values = np.array([[_number_or_nan(x) for x in r[1:6]] for r in rows], dtype=np.float64)
+    # The last copy of a candle is the freshest one the exchange sent: keep each ts_ms's last row, in time order.
+    last_first = np.unique(ts[::-1], return_index=True)[1]
+    keep = len(ts) - 1 - last_first
+    # The exchange's last row is usually the still-forming candle: its OHLCV would still change.
+    keep = keep[ts[keep] + CANDLE_MS <= int(now_ms)]
+    return CandleBatch(np.ascontiguousarray(ts[keep]), np.ascontiguousarray(values[keep]))
 
 
 def normalize_ohlcv_rows(rows: Iterable[Sequence[object]], now_ms: int) -> pd.DataFrame:
-    """Turn ccxt OHLCV rows into canonical candles: cast, de-duplicate (last wins), sort, closed only."""
-    rows = list(rows)
-    if not rows:
-        return empty_candles()
-    df = pd.DataFrame([list(r)[:6] for r in rows], columns=list(COLUMNS))
-    df["ts_ms"] = pd.to_numeric(df["ts_ms"], errors="raise").astype("int64")
-    for col in VALUE_COLUMNS:
-        # None (an exchange's missing volume) becomes NaN, which validation then refuses loudly.
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    # The last copy of a candle is the freshest one the exchange sent.
-    df = df.drop_duplicates(subset="ts_ms", keep="last").sort_values("ts_ms", kind="stable")
-    # The exchange's last row is usually the still-forming candle: its OHLCV would still change.
-    df = df[df["ts_ms"].to_numpy() + CANDLE_MS <= int(now_ms)]
-    return df.reset_index(drop=True)
+    """`ohlcv_batch` as a candle frame."""
+    return ohlcv_batch(rows, now_ms).to_frame()
 
 
 def slice_period(df: pd.DataFrame, from_ms: int | None = None, to_ms: int | None = None) -> pd.DataFrame:
@@ -116,7 +190,12 @@ def slice_period(df: pd.DataFrame, from_ms: int | None = None, to_ms: int | None
 
 def find_gaps(df: pd.DataFrame) -> list[Gap]:
     """Missing candles in sorted, 5-minute-aligned candles, as `Gap(after_ts_ms, missing)`."""
-    ts = df["ts_ms"].to_numpy(dtype="int64")
+    return gaps_in(df["ts_ms"].to_numpy(dtype="int64"))
+
+
+def gaps_in(ts_ms: np.ndarray) -> list[Gap]:
+    """Missing candles between sorted, 5-minute-aligned open times (n,) int64, as `Gap(after_ts_ms, missing)`."""
+    ts = np.asarray(ts_ms, dtype=np.int64)
     if len(ts) < 2:
         return []
     steps = np.diff(ts)
@@ -134,24 +213,34 @@ def describe_gaps(gaps: Sequence[Gap], limit: int = MAX_EXAMPLES) -> str:
     return f"{len(gaps)} gap(s) ({missing} missing candles): {shown}{more}"
 
 
-def validate_candles(df: pd.DataFrame, *, line_offset: int | None = None) -> list[Gap]:
-    """Check every candle invariant, raising CandleValidationError; return the gaps (not errors).
-
-    Locations read `row i` (0-based data row) or, with `line_offset`, `line i + line_offset`
-    (2 for a CSV file with one header line), followed by the candle's UTC time when it is known.
-    """
+def _locators(line_offset: int | None) -> tuple[Callable[..., str], Callable[..., str]]:
+    """`where(i, ts=None)` names one row (`row i` or `line i + line_offset`, with its UTC time when ts is given);
+    `examples(idx, ts, detail=None)` names the first few rows of idx."""
 
     def where(i: int, ts: np.ndarray | None = None) -> str:
         loc = f"line {i + line_offset}" if line_offset is not None else f"row {i}"
         return f"{loc} ({iso_utc(int(ts[i]))})" if ts is not None else loc
 
-    def examples(idx: np.ndarray, ts: np.ndarray | None, detail=None) -> str:
+    def examples(idx: np.ndarray, ts: np.ndarray | None, detail: Callable[[int], str] | None = None) -> str:
         parts = []
         for i in idx[:MAX_EXAMPLES]:
             part = where(int(i), ts)
             parts.append(f"{part}: {detail(int(i))}" if detail else part)
         more = ", ..." if len(idx) > MAX_EXAMPLES else ""
         return ", ".join(parts) + more
+
+    return where, examples
+
+
+def validate_candles(df: pd.DataFrame, *, line_offset: int | None = None) -> list[Gap]:
+    """Check every candle invariant, raising CandleValidationError; return the gaps (not errors).
+
+    Locations read `row i` (0-based data row) or, with `line_offset`, `line i + line_offset`
+    (2 for a CSV file with one header line), followed by the candle's UTC time when it is known.
+    """
+    import pandas as pd
+
+    _, examples = _locators(line_offset)
 
     if len(df) == 0:
         raise CandleValidationError("no candles (empty)")
@@ -190,25 +279,39 @@ def validate_candles(df: pd.DataFrame, *, line_offset: int | None = None) -> lis
                 )
             series = coerced
         values[col] = series.to_numpy(dtype="float64")
+    # Integer columns are used as they are; whole-number floats (< 2**53 for any real epoch ms) are exact.
+    ts_raw = df["ts_ms"].to_numpy(dtype="int64") if pd.api.types.is_integer_dtype(df["ts_ms"]) else values["ts_ms"]
+    return validate_candle_arrays(ts_raw, np.column_stack([values[c] for c in VALUE_COLUMNS]), line_offset=line_offset)
+
+
+def validate_candle_arrays(ts_ms: np.ndarray, values: np.ndarray, *, line_offset: int | None = None) -> list[Gap]:
+    """`validate_candles`' checks of the numbers: ts_ms (n,) int64 or float64, values (n, 5) float64 OHLCV.
+
+    Raises CandleValidationError naming the first few bad rows (as `validate_candles`); returns the gaps.
+    """
+    where, examples = _locators(line_offset)
+
+    if len(ts_ms) == 0:
+        raise CandleValidationError("no candles (empty)")
+    int_ts = np.issubdtype(np.asarray(ts_ms).dtype, np.integer)
+    cols = {"ts_ms": np.asarray(ts_ms, dtype="float64")} | {
+        c: np.asarray(values[:, j], dtype="float64") for j, c in enumerate(VALUE_COLUMNS)
+    }
 
     for col in COLUMNS:
-        bad = np.flatnonzero(~np.isfinite(values[col]))
+        bad = np.flatnonzero(~np.isfinite(cols[col]))
         if len(bad):
             raise CandleValidationError(
                 f"{len(bad)} missing (NaN) or infinite value(s) in column {col} at " + examples(bad, None)
             )
 
-    raw_ts = values["ts_ms"]
+    raw_ts = cols["ts_ms"]
     bad = np.flatnonzero(raw_ts != np.round(raw_ts))
     if len(bad):
         raise CandleValidationError(
             "timestamp(s) are not whole milliseconds at " + examples(bad, None, lambda i: repr(float(raw_ts[i])))
         )
-    # Integer columns are used as they are; whole-number floats (< 2**53 for any real epoch ms) are exact.
-    if pd.api.types.is_integer_dtype(df["ts_ms"]):
-        ts = df["ts_ms"].to_numpy(dtype="int64")
-    else:
-        ts = raw_ts.astype("int64")
+    ts = np.asarray(ts_ms, dtype="int64") if int_ts else raw_ts.astype("int64")
 
     bad = np.flatnonzero(ts % CANDLE_MS != 0)
     if len(bad):
@@ -242,18 +345,18 @@ def validate_candles(df: pd.DataFrame, *, line_offset: int | None = None) -> lis
             )
 
     for col in PRICE_COLUMNS:
-        bad = np.flatnonzero(values[col] <= 0)
+        bad = np.flatnonzero(cols[col] <= 0)
         if len(bad):
-            v = values[col]
+            v = cols[col]
             raise CandleValidationError(
                 f"{len(bad)} non-positive {col} price(s) at " + examples(bad, ts, lambda i, v=v: f"{v[i]:g}")
             )
-    vol = values["volume"]
+    vol = cols["volume"]
     bad = np.flatnonzero(vol < 0)
     if len(bad):
         raise CandleValidationError(f"{len(bad)} negative volume(s) at " + examples(bad, ts, lambda i: f"{vol[i]:g}"))
 
-    o, h, low, c = (values[k] for k in PRICE_COLUMNS)
+    o, h, low, c = (cols[k] for k in PRICE_COLUMNS)
     bad = np.flatnonzero((h < np.maximum(o, c)) | (low > np.minimum(o, c)))
     if len(bad):
         raise CandleValidationError(
@@ -262,4 +365,4 @@ def validate_candles(df: pd.DataFrame, *, line_offset: int | None = None) -> lis
             + examples(bad, ts, lambda i: f"open={o[i]:g} high={h[i]:g} low={low[i]:g} close={c[i]:g}")
         )
 
-    return find_gaps(pd.DataFrame({"ts_ms": ts}))
+    return gaps_in(ts)

@@ -25,11 +25,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-import ta
 
 from strategies.candles import VALUE_COLUMNS
 from strategies.indicators import (
@@ -42,6 +40,10 @@ from strategies.indicators import (
     money_flow_index,
     rolling_mean_std,
 )
+
+# pandas and ta are imported inside the functions that compute the batch features (see strategies/candles.py).
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "FEATURE_NAMES",
@@ -177,6 +179,8 @@ class _Candles:
     """Candle columns as float64 arrays and pandas Series, plus indicators shared by several features."""
 
     def __init__(self, candles: pd.DataFrame, params: dict[str, Any]) -> None:
+        import pandas as pd
+
         missing = [c for c in VALUE_COLUMNS if c not in candles.columns]
         if missing:
             raise ValueError(f"candles lack columns {missing}")
@@ -249,17 +253,23 @@ def _logret(k: int) -> _Feature:
 
 
 def _rsi(c: _Candles) -> np.ndarray:
+    import ta
+
     w = c.params["rsi_window"]
     return (ta.momentum.RSIIndicator(c.s_close, window=w, fillna=False).rsi().to_numpy() - 50.0) / 50.0
 
 
 def _stoch_k(c: _Candles) -> np.ndarray:
+    import ta
+
     w = c.params["stoch_window"]
     k = ta.momentum.StochasticOscillator(c.s_high, c.s_low, c.s_close, window=w, fillna=False).stoch()
     return _neutral((k.to_numpy() - 50.0) / 50.0, w - 1, c.rows)
 
 
 def _macd_diff(c: _Candles) -> np.ndarray:
+    import ta
+
     p = c.params
     macd = ta.trend.MACD(
         c.s_close, window_slow=p["macd_slow"], window_fast=p["macd_fast"], window_sign=p["macd_signal"]
@@ -314,6 +324,8 @@ def _close_z(c: _Candles) -> np.ndarray:
 
 
 def _volume_z(c: _Candles) -> np.ndarray:
+    import pandas as pd
+
     w, floor = c.params["volume_window"], c.params["volume_floor"]
     # Log volume, floored at `volume_floor` x the highest volume of the last w candles so that a
     # zero-volume candle gives a finite value; the floor scales with volume, so the z-score stays
@@ -328,6 +340,8 @@ def _volume_z(c: _Candles) -> np.ndarray:
 
 
 def _ema_ratio(c: _Candles) -> np.ndarray:
+    import ta
+
     ema = ta.trend.EMAIndicator(c.s_close, window=c.params["ema_window"], fillna=False).ema_indicator()
     return c.close / ema.to_numpy() - 1.0
 

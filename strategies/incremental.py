@@ -29,12 +29,11 @@ import math
 import re
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import pandas as pd
 
-from strategies.candles import VALUE_COLUMNS
+from strategies.candles import VALUE_COLUMNS, CandleBatch
 from strategies.features import (
     MACRO_WINDOW,
     MICRO_WINDOW,
@@ -44,6 +43,9 @@ from strategies.features import (
     default_feature_spec,
     warmup_candles,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["IncrementalFeatures", "WindowAggregate"]
 
@@ -619,9 +621,11 @@ class WindowAggregate:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _candle_values(candles: pd.DataFrame | np.ndarray) -> np.ndarray:
-    """Candles as an (n, 5) float64 array of open, high, low, close, volume (DataFrame columns or array)."""
-    if isinstance(candles, pd.DataFrame):
+def _candle_values(candles: pd.DataFrame | CandleBatch | np.ndarray) -> np.ndarray:
+    """Candles as an (n, 5) float64 array of open, high, low, close, volume (batch, DataFrame columns or array)."""
+    if isinstance(candles, CandleBatch):
+        return np.asarray(candles.values, dtype=np.float64)
+    if not isinstance(candles, np.ndarray) and hasattr(candles, "columns"):  # a DataFrame (pandas not imported)
         missing = [c for c in VALUE_COLUMNS if c not in candles.columns]
         if missing:
             raise ValueError(f"candles lack columns {missing}")
@@ -630,6 +634,15 @@ def _candle_values(candles: pd.DataFrame | np.ndarray) -> np.ndarray:
     if values.ndim != 2 or values.shape[1] != len(VALUE_COLUMNS):
         raise ValueError(f"expected (n, 5) open, high, low, close, volume, got shape {values.shape}")
     return values
+
+
+def _newest_ts_ms(candles: pd.DataFrame | CandleBatch | np.ndarray) -> int | None:
+    """The newest open time of a batch or of a DataFrame with a ts_ms column; None for a bare array or no rows."""
+    if isinstance(candles, CandleBatch):
+        return int(candles.ts_ms[-1]) if len(candles) else None
+    if hasattr(candles, "columns") and "ts_ms" in candles.columns and len(candles):
+        return int(candles["ts_ms"].iloc[-1])
+    return None
 
 
 class IncrementalFeatures:
@@ -647,7 +660,7 @@ class IncrementalFeatures:
         standardizer: Standardizer | None = None,
         macro_window: int = MACRO_WINDOW,
         micro_window: int = MICRO_WINDOW,
-        candles: pd.DataFrame | np.ndarray | None = None,
+        candles: pd.DataFrame | CandleBatch | np.ndarray | None = None,
     ) -> None:
         self.spec = spec or default_feature_spec()
         self.standardizer = standardizer
@@ -695,18 +708,19 @@ class IncrementalFeatures:
         self._macro = WindowAggregate(self.macro_window, n) if self.standardizer is not None else None
         self._micro = WindowAggregate(self.micro_window, n) if self.standardizer is not None else None
 
-    def rebuild(self, candles: pd.DataFrame | np.ndarray) -> np.ndarray:
-        """Reset and feed `candles` (DataFrame with OHLCV columns, or (n, 5) array); their features (n, N).
+    def rebuild(self, candles: pd.DataFrame | CandleBatch | np.ndarray) -> np.ndarray:
+        """Reset and feed `candles` (CandleBatch, DataFrame with OHLCV columns, or (n, 5) array); features (n, N).
 
-        O(n) (about 75 us per candle); a DataFrame's ts_ms column, if any, sets `last_ts_ms`.
+        O(n) (about 75 us per candle); a batch's ts_ms, or a DataFrame's ts_ms column, sets `last_ts_ms`.
         """
         self.reset()
         values = _candle_values(candles)
         out = np.empty((len(values), self.n_features))
         for i, (o, h, lo, c, v) in enumerate(values.tolist()):
             out[i] = self.update(o, h, lo, c, v)
-        if isinstance(candles, pd.DataFrame) and "ts_ms" in candles.columns and len(candles):
-            self._last_ts_ms = int(candles["ts_ms"].iloc[-1])
+        newest = _newest_ts_ms(candles)
+        if newest is not None:
+            self._last_ts_ms = newest
         return out
 
     def update(

@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
 
 __all__ = [
@@ -53,6 +52,8 @@ def _as_float_array(x: object) -> np.ndarray:
 
 def _wilder(values: np.ndarray, seed_row: int, seed: float, window: int) -> np.ndarray:
     """Wilder smoothing of `values` seeded with `seed` at `seed_row`; NaN before it. Shape (n,)."""
+    import pandas as pd  # pandas' own ewm/rolling arithmetic; imported here, see strategies/candles.py
+
     src = values.copy()
     src[:seed_row] = np.nan
     src[seed_row] = seed
@@ -76,6 +77,8 @@ def typical_price(high: object, low: object, close: object) -> np.ndarray:
 
 def average_true_range(high: object, low: object, close: object, window: int = 14) -> np.ndarray:
     """Vectorised `ta.volatility.AverageTrueRange(...).average_true_range()`; rows < window-1 NaN."""
+    import pandas as pd  # pandas' own ewm/rolling arithmetic; imported here, see strategies/candles.py
+
     h, lo, c = _as_float_array(high), _as_float_array(low), _as_float_array(close)
     n = len(c)
     out = np.full(n, np.nan)
@@ -138,6 +141,8 @@ def commodity_channel_index(
     high: object, low: object, close: object, window: int = 20, constant: float = 0.015
 ) -> np.ndarray:
     """Vectorised `ta.trend.CCIIndicator(...).cci()`; rows < window-1 NaN (0/0 in flat windows stays NaN)."""
+    import pandas as pd  # pandas' own ewm/rolling arithmetic; imported here, see strategies/candles.py
+
     tp = typical_price(high, low, close)
     n = len(tp)
     out = np.full(n, np.nan)

@@ -25,7 +25,7 @@ from bot.daemon.state import open_state_for_update
 from bot.daemon.tick import Daemon
 from bot.files.checkpoints import load_checkpoint, save_checkpoint
 from bot.settings import load_settings
-from strategies.candles import CANDLE_MS, parse_utc_date_ms
+from strategies.candles import CANDLE_MS, CandleBatch, parse_utc_date_ms
 from tests.test_daemon import make_checkpoint, replay_daemon, settings_env
 
 DEC1 = parse_utc_date_ms("2024-12-01")
@@ -217,7 +217,7 @@ def test_a_skipped_tick_leaves_flatten_pending(tmp_path: Path, candles: pd.DataF
     """Candle t missing after the retries: the tick is a skip, the flatten waits for the next tick that trades."""
     hole = DEC1 + 40 * CANDLE_MS
     settings = load_settings(settings_env(tmp_path, checkpoint, online_learning="false"), env_file=None)
-    market = ReplayMarketData(candles[candles["ts_ms"] != hole].reset_index(drop=True), settings.symbol)
+    market = ReplayMarketData(CandleBatch.from_frame(candles[candles["ts_ms"] != hole]), settings.symbol)
     comps = build_daemon(settings, market, sleep=lambda s: None, rules=None)
     daemon = comps.daemon
     try:

@@ -28,7 +28,7 @@ from bot.errors import ConfigError
 from bot.files.checkpoints import load_checkpoint, save_checkpoint
 from bot.settings import load_settings, state_db_path
 from strategies.bundle import ModelBundle, history_needed, observe
-from strategies.candles import CANDLE_MS, parse_utc_date_ms
+from strategies.candles import CANDLE_MS, CandleBatch, parse_utc_date_ms
 from strategies.features import build_observations, compute_features, default_feature_spec, fit_standardizer
 from strategies.policy import PolicyNet
 from tests.fake_exchange import FakeExchange
@@ -72,7 +72,9 @@ def settings_env(state_dir: Path, checkpoint: Path, **extra: Any) -> dict[str, s
 def replay_daemon(state_dir: Path, checkpoint: Path, candles: pd.DataFrame, **extra: Any) -> Components:
     """A started daemon over a candle frame with the replay market (next-open fills, no market rules)."""
     settings = load_settings(settings_env(state_dir, checkpoint, **extra), env_file=None)
-    return build_daemon(settings, ReplayMarketData(candles, settings.symbol), sleep=lambda s: None, rules=None)
+    return build_daemon(
+        settings, ReplayMarketData(CandleBatch.from_frame(candles), settings.symbol), sleep=lambda s: None, rules=None
+    )
 
 
 def run_ticks(daemon: Daemon, first_now_ms: int, n: int) -> list[Any]:
@@ -265,7 +267,7 @@ def test_missing_latest_candle_is_backfilled_by_the_retry(
         out = comps.daemon.tick(clock.now_ms())
         assert out.status == "acted" and out.ts_ms == DEC1 and len(clock.slept) == 1
         np.testing.assert_array_equal(
-            comps.daemon.feed.buffer.window(2)["close"].to_numpy(),
+            comps.daemon.feed.buffer.window(2).column("close"),
             candles.set_index("ts_ms").loc[[DEC1 - CANDLE_MS, DEC1], "close"].to_numpy(),
         )
     finally:

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bot.daemon.feed import CandleBatch, CandleBuffer, CandleFeed, last_closed_open_ms
+from bot.daemon.feed import CandleBuffer, CandleFeed, last_closed_open_ms
 from bot.daemon.market import ExchangeMarketData, ReplayMarketData
 from bot.exchange.client import ExchangeClient
-from strategies.candles import CANDLE_MS
+from strategies.candles import CANDLE_MS, CandleBatch
 from tests.fake_exchange import FakeExchange
 
 T0 = 1_733_011_200_000  # 2024-12-01T00:00Z
@@ -68,7 +68,7 @@ def test_buffer_is_bounded_and_keeps_the_newest() -> None:
         assert np.all(np.diff(buf.ts_ms) == CANDLE_MS)
     np.testing.assert_array_equal(buf.ts_ms, batch.ts_ms[-10:])
     win = buf.window(4)
-    np.testing.assert_array_equal(win["close"].to_numpy(), df["close"].to_numpy()[-4:])
+    np.testing.assert_array_equal(win.column("close"), df["close"].to_numpy()[-4:])
     assert buf._ts.shape == (20,)  # memory is flat: the backing arrays never grow
     # Re-sent (older or equal) candles are ignored; a batch larger than the capacity keeps its newest.
     assert buf.extend(CandleBatch(batch.ts_ms[-5:], batch.values[-5:])) == 0
@@ -83,7 +83,7 @@ def test_buffer_is_bounded_and_keeps_the_newest() -> None:
 
 def test_replay_market_serves_closed_candles_and_next_open() -> None:
     df = synthetic(100)
-    market = ReplayMarketData(df)
+    market = ReplayMarketData(CandleBatch.from_frame(df))
     now = int(df["ts_ms"].iloc[50])  # candle 50 has just opened: 0..49 are closed
     got = market.closed_candles(int(df["ts_ms"].iloc[40]), now)
     np.testing.assert_array_equal(got.ts_ms, df["ts_ms"].to_numpy()[40:50])
@@ -107,7 +107,7 @@ def test_feed_warms_up_and_drops_the_forming_candle() -> None:
     assert not upd.is_stale
     assert upd.latest_ts_ms == int(df["ts_ms"].iloc[1999]) == upd.expected_ts_ms
     assert len(feed.buffer) == 1265
-    np.testing.assert_array_equal(feed.buffer.window(1265)["close"].to_numpy(), df["close"].to_numpy()[735:2000])
+    np.testing.assert_array_equal(feed.buffer.window(1265).column("close"), df["close"].to_numpy()[735:2000])
     # The next tick fetches only what is new.
     fake.advance(CANDLE_MS)
     calls = fake.calls["fetch_ohlcv"]
@@ -131,7 +131,7 @@ def test_gap_is_backfilled() -> None:
     assert not upd.is_stale and upd.holes == ()
     assert upd.attempts == 2 and len(sleeps.calls) == 1
     np.testing.assert_array_equal(feed.buffer.ts_ms[-4:], df["ts_ms"].to_numpy()[1999:2003])
-    np.testing.assert_array_equal(feed.buffer.window(4)["close"].to_numpy(), df["close"].to_numpy()[1999:2003])
+    np.testing.assert_array_equal(feed.buffer.window(4).column("close"), df["close"].to_numpy()[1999:2003])
 
 
 def test_persistent_hole_is_accepted_after_retries() -> None:

@@ -38,8 +38,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, candles_2024: pd.DataFr
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "fs.pt", candles_2024)
 
 
-
-
 def _one_line(err: str, command: str) -> str:
     assert "Traceback" not in err, err
     lines = err.splitlines()

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 import structlog
 
-from bot.daemon.feed import CandleBatch, CandleBuffer
+from bot.daemon.feed import CandleBuffer
 from bot.daemon.observer import BufferObserver
 from bot.files.checkpoints import load_checkpoint
 from strategies.bundle import ModelBundle, history_needed, observe
+from strategies.candles import CandleBatch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "binance_BTCUSDT_5m_2024.csv.gz"
@@ -73,7 +74,7 @@ def test_incremental_observation_equals_the_full_recompute_tick_by_tick(
         buf.extend(_batch(candles.iloc[i : i + 1]))
         obs.sync(buf)
         if i % 7 == 0 or i < history + 5:
-            _assert_same(obs.observation(buf), observe(buf.window(history), bundle))
+            _assert_same(obs.observation(buf), observe(buf.window(history).to_frame(), bundle))
             compared += 1
     assert compared > 300 and obs.rebuilds == 1  # built once at the first sync, then only updated
     assert obs.observation(buf) is not None
@@ -89,12 +90,12 @@ def test_a_refetched_hole_or_cleared_buffer_rebuilds(bundle: ModelBundle, candle
     buf.extend(_batch(candles.iloc[1990:2001]))
     obs.sync(buf)
     assert obs.rebuilds == 2
-    _assert_same(obs.observation(buf), observe(buf.window(history), bundle))
+    _assert_same(obs.observation(buf), observe(buf.window(history).to_frame(), bundle))
     buf.clear()
     buf.extend(_batch(candles.iloc[1500:2900]))
     obs.sync(buf)
     assert obs.rebuilds == 3
-    _assert_same(obs.observation(buf), observe(buf.window(history), bundle))
+    _assert_same(obs.observation(buf), observe(buf.window(history).to_frame(), bundle))
 
 
 def test_drift_is_logged_and_repaired_by_the_daily_recompute(bundle: ModelBundle, candles: pd.DataFrame) -> None:
@@ -112,11 +113,11 @@ def test_drift_is_logged_and_repaired_by_the_daily_recompute(bundle: ModelBundle
         assert obs.observation(buf) is not None  # not yet due: the drifted value goes unnoticed
         obs.sync(buf)
         got = obs.observation(buf)  # due: the full recompute wins, the drift is logged, the engine rebuilt
-    full = observe(buf.window(history), bundle)
+    full = observe(buf.window(history).to_frame(), bundle)
     _assert_same(got, full)
     drift = [e for e in logs if e["event"] == "feature_drift"]
     assert len(drift) == 1 and drift[0]["max_abs_diff"] > 1e-3
     assert obs.rebuilds == 2
     buf.extend(_batch(candles.iloc[2001:2002]))
     obs.sync(buf)
-    _assert_same(obs.observation(buf), observe(buf.window(history), bundle))
+    _assert_same(obs.observation(buf), observe(buf.window(history).to_frame(), bundle))

@@ -65,8 +65,15 @@ def replay(tmp_path_factory: pytest.TempPathFactory, candles_2024: pd.DataFrame)
         meta = store.all_meta()
     finally:
         store.conn.close()
-    return {"root": root, "state": state, "db": db, "status": json.loads(out), "fills": fills,
-            "decisions": decisions, "meta": meta}
+    return {
+        "root": root,
+        "state": state,
+        "db": db,
+        "status": json.loads(out),
+        "fills": fills,
+        "decisions": decisions,
+        "meta": meta,
+    }
 
 
 def test_entry_price_and_unrealised_pnl_from_the_fills(replay: dict[str, Any]) -> None:
@@ -83,8 +90,9 @@ def test_entry_price_and_unrealised_pnl_from_the_fills(replay: dict[str, Any]) -
     close = meta["last_candle"]["close"]
     direction = 1 if ledger.position > 0 else -1
     assert s["entry_fees_quote"] == pytest.approx(entry_fee, rel=1e-9)
-    assert s["unrealised_pnl_quote"] == pytest.approx(direction * (close - opening["price"]) * opened_qty - entry_fee,
-                                                      rel=1e-9)
+    assert s["unrealised_pnl_quote"] == pytest.approx(
+        direction * (close - opening["price"]) * opened_qty - entry_fee, rel=1e-9
+    )
 
 
 def test_realised_plus_unrealised_is_the_profit(replay: dict[str, Any]) -> None:
@@ -156,7 +164,11 @@ def test_paused_shows_who_and_since(replay: dict[str, Any], tmp_path: Path) -> N
     assert line.split(None, 1)[1].startswith("yes since 2024-12-03T12:00:00Z by api:alice (command 7)")
     code, out = ritmo(tmp_path, "status", "--json", "--state-dir", str(tmp_path))
     assert json.loads(out)["paused"] == {
-        "paused": True, "by": "api:alice", "since": "2024-12-03T12:00:00Z", "at_ms": at_ms, "command_id": 7
+        "paused": True,
+        "by": "api:alice",
+        "since": "2024-12-03T12:00:00Z",
+        "at_ms": at_ms,
+        "command_id": 7,
     }
 
 

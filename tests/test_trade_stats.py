@@ -184,10 +184,20 @@ def test_backtest_report_shows_the_new_figures() -> None:
     ts = parse_utc_date_ms("2024-01-01") + np.arange(n) * CANDLE_MS
     opens = np.array([100.0, 101.0, 102.0, 103.0, 104.0, 105.0])
     closes = opens + 0.5
-    res = run_actions(np.array([BUY, HOLD, SELL, HOLD, HOLD, HOLD]), ts, opens, closes, mode="long_only",
-                      commission=0.001)
-    info = {"from": "a", "to": "b", "candles": n, "position_mode": "long_only", "commission": 0.001,
-            "slippage_bps": 0.0, "greedy": True, "seed": None, "model": "m"}
+    res = run_actions(
+        np.array([BUY, HOLD, SELL, HOLD, HOLD, HOLD]), ts, opens, closes, mode="long_only", commission=0.001
+    )
+    info = {
+        "from": "a",
+        "to": "b",
+        "candles": n,
+        "position_mode": "long_only",
+        "commission": 0.001,
+        "slippage_bps": 0.0,
+        "greedy": True,
+        "seed": None,
+        "model": "m",
+    }
     doc = json.loads(json.dumps(result_to_dict(res, info)))
     policy = doc["policy"]
     assert (policy["round_trips"], policy["wins"], policy["win_rate"]) == (1, 1, 1.0)
@@ -256,7 +266,8 @@ def test_real_backtest_against_positions_and_equity(candles_2024: pd.DataFrame, 
 
     # A trip from flat to flat changes the (all-cash) equity by exactly its net P&L: cash before, cash after.
     flat_to_flat = [
-        (i, start, end) for i, (start, end, _) in enumerate(closed)
+        (i, start, end)
+        for i, (start, end, _) in enumerate(closed)
         if (start == 0 or positions[start - 1] == 0) and positions[end] == 0
     ]
     for i, start, end in flat_to_flat:

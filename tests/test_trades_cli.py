@@ -70,8 +70,16 @@ def test_every_fill_with_its_realised_pnl(replay: dict[str, Any]) -> None:
     for row, f in zip(rows, fills, strict=True):
         fill_ms = f["decision_ts_ms"] + CANDLE_MS  # the decision candle's close
         assert (row["time_utc"], row["ts_ms"]) == (iso_utc(fill_ms), fill_ms)
-        for key in ("side", "qty_base", "price", "notional_quote", "fee_quote", "position_before", "position_after",
-                    "client_order_id"):
+        for key in (
+            "side",
+            "qty_base",
+            "price",
+            "notional_quote",
+            "fee_quote",
+            "position_before",
+            "position_after",
+            "client_order_id",
+        ):
             assert row[key] == f[key], key
         if f["side"] == "buy":  # long_only: a buy opens from flat, a sell closes all of it
             assert (f["position_before"], f["position_after"]) == (0, 1)

@@ -308,9 +308,9 @@ def _replay_market(plan: ReplayPlan, symbol: str) -> tuple[ReplayMarketData, Rep
     The last tick at now = T - 5 min decides the candle before it and fills at the open of the candle at
     T - 5 min, so the file must reach T - 5 min: a later --to is clipped, as `ritmo backtest` clips it.
     """
-    from bot.files.candles import load_candles
+    from bot.files.candle_batch import load_candle_batch
 
-    market = ReplayMarketData(load_candles(plan.path), symbol)
+    market = ReplayMarketData(load_candle_batch(plan.path), symbol)
     data_end_ms = market.last_ts_ms + CANDLE_MS
     if plan.from_ms >= data_end_ms:
         raise UsageError(

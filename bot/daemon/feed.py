@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import structlog
 
 from bot.errors import TemporaryExchangeError
-from strategies.candles import CANDLE_MS, VALUE_COLUMNS, iso_utc
+from strategies.candles import CANDLE_MS, VALUE_COLUMNS, CandleBatch, iso_utc
 
 if TYPE_CHECKING:  # market.py builds on the candle types defined here
     from bot.daemon.market import MarketData
@@ -44,30 +43,6 @@ class Candle:
     low: float
     close: float
     volume: float
-
-
-@dataclass(frozen=True)
-class CandleBatch:
-    """Closed candles as parallel arrays, oldest first (what a MarketData returns)."""
-
-    ts_ms: np.ndarray  # int64
-    values: np.ndarray  # (n, 5) float64: open, high, low, close, volume
-
-    def __len__(self) -> int:
-        return int(self.ts_ms.shape[0])
-
-    @classmethod
-    def empty(cls) -> CandleBatch:
-        """No candles."""
-        return cls(np.empty(0, dtype=np.int64), np.empty((0, 5), dtype=np.float64))
-
-    @classmethod
-    def from_frame(cls, df: pd.DataFrame) -> CandleBatch:
-        """From a canonical candle frame (ts_ms + OHLCV columns)."""
-        return cls(
-            np.ascontiguousarray(df["ts_ms"].to_numpy(dtype=np.int64)),
-            np.ascontiguousarray(df[list(VALUE_COLUMNS)].to_numpy(dtype=np.float64)),
-        )
 
 
 class CandleBuffer:
@@ -183,13 +158,13 @@ class CandleBuffer:
         view.flags.writeable = False
         return view
 
-    def window(self, n: int) -> pd.DataFrame:
-        """The newest n candles as a DataFrame (ts_ms + OHLCV), for the feature code."""
+    def window(self, n: int) -> CandleBatch:
+        """The newest n candles (read-only views of the buffer, valid until the next append)."""
         lo = max(self._lo, self._hi - int(n))
-        values = self._values[lo : self._hi]
-        frame = {"ts_ms": self._ts[lo : self._hi]}
-        frame.update({c: values[:, j] for j, c in enumerate(VALUE_COLUMNS)})
-        return pd.DataFrame(frame, copy=False)
+        ts, values = self._ts[lo : self._hi], self._values[lo : self._hi]
+        ts.flags.writeable = False
+        values.flags.writeable = False
+        return CandleBatch(ts, values)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,13 +11,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import pandas as pd
 import structlog
 
 from bot.clock import wall_ms
-from bot.daemon.feed import Candle, CandleBatch
+from bot.daemon.feed import Candle
 from bot.errors import ExchangeError
-from strategies.candles import CANDLE_MS
+from strategies.candles import CANDLE_MS, CandleBatch
 
 if TYPE_CHECKING:
     # Replays never load the exchange module (nor ccxt): the client is only a type here.
@@ -114,7 +113,7 @@ class ExchangeMarketData:
 
     def closed_candles(self, since_ms: int, now_ms: int) -> CandleBatch:
         """Paged fetch_ohlcv (retried), forming candle dropped by exchange time."""
-        return CandleBatch.from_frame(self.client.fetch_closed_candles(self.symbol, since_ms, now_ms))
+        return self.client.fetch_closed_candle_batch(self.symbol, since_ms, now_ms)
 
     def fill_reference(self, decision: Candle) -> tuple[float, str]:
         """The ticker's last trade price fetched now; the decision candle's close if that fails."""
@@ -136,11 +135,10 @@ class ReplayMarketData:
     backtest fills; if the file has no next candle, the decision candle's close.
     """
 
-    def __init__(self, candles: pd.DataFrame, symbol: str = "BTC/USDT") -> None:
+    def __init__(self, candles: CandleBatch, symbol: str = "BTC/USDT") -> None:
         self.symbol = symbol
-        batch = CandleBatch.from_frame(candles)
-        self._ts = batch.ts_ms
-        self._values = batch.values
+        self._ts = candles.ts_ms
+        self._values = candles.values
 
     @property
     def first_ts_ms(self) -> int:

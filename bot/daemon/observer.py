@@ -6,10 +6,13 @@ every decision (several ms). It is rebuilt from the buffer's window at start, an
 read leave the buffer other than by being outgrown (a cleared buffer, a hole refetched): then its history is
 exactly the window's, as the full recompute's is.
 
-Guard (docs/design.md §3, §8): every `check_every_ticks` ticks, the next decision also computes the window's
-observation the old way (`strategies.bundle.observe`). The two agree to float32 precision; if they ever
-differ beyond `rtol`/`atol`, `feature_drift` is logged, the full recompute's observation is used and the
-engine is rebuilt.
+Guard (docs/design.md §3, §8): every `check_every_ticks` ticks, the next decision also recomputes the window's
+observation from scratch: a second engine is fed the buffer's whole window (~70 ms). The running engine has
+then seen exactly what a fresh one sees, so the two agree to float32 precision unless running state drifted
+(the windows' running sums) or went wrong; if they ever differ beyond `rtol`/`atol`, `feature_drift` is logged,
+the recomputed observation is used and the fresh engine replaces the running one. The fresh engine equals the
+batch code (`compute_features` + `build_observations`) on every row of a real year (tests/test_incremental_features.py);
+the daemon does not run the batch code itself, which would import pandas (~85 MB) for a check once a day.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import structlog
 
 from bot.daemon.feed import CandleBuffer
-from strategies.bundle import ModelBundle, history_needed, observe
+from strategies.bundle import ModelBundle, history_needed
 from strategies.incremental import IncrementalFeatures
 
 log = structlog.get_logger(__name__)
@@ -38,7 +41,8 @@ class BufferObserver:
         self.bundle = bundle
         self.history = history_needed(bundle)
         self.check_every_ticks = int(check_every_ticks)
-        self.engine = IncrementalFeatures(bundle.spec, bundle.standardizer, bundle.macro_window, bundle.micro_window)
+        self.engine = self._new_engine()
+        self._spare: IncrementalFeatures | None = None  # the guard's fresh engine, made at its first check
         self._revision: int | None = None
         self._ticks_since_check = 0
         self.rebuilds = 0
@@ -61,12 +65,21 @@ class BufferObserver:
         if self._ticks_since_check < self.check_every_ticks:
             return obs
         self._ticks_since_check = 0
-        full = observe(buffer.window(self.history), self.bundle)
+        fresh = self._spare or self._new_engine()
+        fresh.rebuild(buffer.window(self.history))
+        full = fresh.observation()
+        self._spare = fresh
         if _same(obs, full):
             return obs
         log.warning("feature_drift", incremental_none=obs is None, full_none=full is None, **_gap(obs, full))
-        self._rebuild(buffer)
+        self.engine, self._spare = fresh, self.engine
+        self._revision = buffer.revision
+        self.rebuilds += 1
         return full
+
+    def _new_engine(self) -> IncrementalFeatures:
+        b = self.bundle
+        return IncrementalFeatures(b.spec, b.standardizer, b.macro_window, b.micro_window)
 
     def _rebuild(self, buffer: CandleBuffer) -> None:
         self._revision = buffer.revision

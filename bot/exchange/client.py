@@ -29,10 +29,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import ccxt
-import pandas as pd
+import numpy as np
 import structlog
 
 from bot.errors import (
@@ -44,7 +44,10 @@ from bot.errors import (
     UnknownSymbolError,
 )
 from bot.exchange.rules import CLIENT_ORDER_ID_RE, MarketRules
-from strategies.candles import CANDLE_MS, empty_candles, normalize_ohlcv_rows
+from strategies.candles import CANDLE_MS, CandleBatch, ohlcv_batch
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = structlog.get_logger(__name__)
 
@@ -663,8 +666,8 @@ class ExchangeClient:
         until_ms: int | None = None,
         timeframe: str = SUPPORTED_TIMEFRAME,
         limit: int = MAX_OHLCV_LIMIT,
-    ) -> Iterator[pd.DataFrame]:
-        """Page through closed candles with `since_ms <= ts_ms < until_ms`; one yielded frame per API call.
+    ) -> Iterator[CandleBatch]:
+        """Page through closed candles with `since_ms <= ts_ms < until_ms`; one yielded batch per API call.
 
         Paging stops when the exchange returns nothing, when the next candle would open at or after
         `until_ms`, or when it would not be closed at `now_ms` (exchange time). Gaps are jumped over, as the
@@ -680,11 +683,11 @@ class ExchangeClient:
             rows = self.fetch_ohlcv_page(symbol, timeframe, since_ms, limit)
             if not rows:
                 return
-            page = normalize_ohlcv_rows(rows, now_ms)
-            page = page[page["ts_ms"] >= since_ms]
+            page = ohlcv_batch(rows, now_ms)
+            keep = page.ts_ms >= since_ms
             if until_ms is not None:
-                page = page[page["ts_ms"] < until_ms]
-            page = page.reset_index(drop=True)
+                keep &= page.ts_ms < until_ms
+            page = CandleBatch(page.ts_ms[keep], page.values[keep])
             last_ts_ms = max(int(r[0]) for r in rows)
             next_since_ms = last_ts_ms + CANDLE_MS
             if next_since_ms <= since_ms:
@@ -695,6 +698,27 @@ class ExchangeClient:
             yield page
             since_ms = next_since_ms
 
+    def fetch_closed_candle_batch(
+        self,
+        symbol: str,
+        since_ms: int,
+        now_ms: int,
+        timeframe: str = SUPPORTED_TIMEFRAME,
+        *,
+        until_ms: int | None = None,
+    ) -> CandleBatch:
+        """All closed candles from since_ms (before until_ms if given), paged; the forming candle dropped."""
+        pages = list(self.iter_closed_candle_pages(symbol, since_ms, now_ms, until_ms=until_ms, timeframe=timeframe))
+        pages = [p for p in pages if len(p)]
+        if not pages:
+            return CandleBatch.empty()
+        ts = np.concatenate([p.ts_ms for p in pages])
+        values = np.concatenate([p.values for p in pages])
+        # A candle on two pages: the later page's copy is the fresher one.
+        last_first = np.unique(ts[::-1], return_index=True)[1]
+        keep = len(ts) - 1 - last_first
+        return CandleBatch(np.ascontiguousarray(ts[keep]), np.ascontiguousarray(values[keep]))
+
     def fetch_closed_candles(
         self,
         symbol: str,
@@ -704,13 +728,8 @@ class ExchangeClient:
         *,
         until_ms: int | None = None,
     ) -> pd.DataFrame:
-        """All closed candles from since_ms (before until_ms if given), paged; the forming candle dropped."""
-        pages = list(self.iter_closed_candle_pages(symbol, since_ms, now_ms, until_ms=until_ms, timeframe=timeframe))
-        pages = [p for p in pages if len(p)]
-        if not pages:
-            return empty_candles()
-        df = pd.concat(pages, ignore_index=True)
-        return df.drop_duplicates(subset="ts_ms", keep="last").sort_values("ts_ms").reset_index(drop=True)
+        """`fetch_closed_candle_batch` as a candle frame."""
+        return self.fetch_closed_candle_batch(symbol, since_ms, now_ms, timeframe, until_ms=until_ms).to_frame()
 
     def fetch_ticker(self, symbol: str, *, quick: bool = False) -> dict[str, Any]:
         """The ticker of `symbol` (retried; `quick`: two attempts, for a price needed right now)."""

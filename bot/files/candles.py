@@ -30,10 +30,10 @@ import pyarrow.parquet as pq
 import structlog
 
 from bot.errors import CandleFileError
+from bot.files.candle_batch import log_gaps
 from strategies.candles import (
     CANDLE_MS,
     COLUMNS,
-    MAX_EXAMPLES,
     VALUE_COLUMNS,
     CandleValidationError,
     Gap,
@@ -110,19 +110,6 @@ def _read_raw(path: Path, kind: str) -> pd.DataFrame:
 def _short(exc: BaseException, limit: int = 160) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def log_gaps(gaps: Sequence[Gap], **context: object) -> None:
-    """Log `candle_gaps` (count, missing candles, first few locations) when there are any."""
-    if not gaps:
-        return
-    log.warning(
-        "candle_gaps",
-        **context,
-        count=len(gaps),
-        missing_candles=sum(g.missing for g in gaps),
-        first=[f"after {iso_utc(g.after_ts_ms)}: {g.missing} missing" for g in gaps[:MAX_EXAMPLES]],
-    )
 
 
 def load_candles(path: str | os.PathLike[str], *, allow_gaps: bool = True) -> pd.DataFrame:

@@ -40,7 +40,6 @@ from strategies.candles import (
 log = structlog.get_logger(__name__)
 
 
-
 # Progress is written every this many pages (1000 candles each): a crash loses at most this much.
 FLUSH_EVERY_PAGES = 10
 
@@ -195,7 +194,8 @@ def download_candles(
             pages = client.iter_closed_candle_pages(
                 symbol, start_ms, now_ms, until_ms=until_ms, timeframe=timeframe, limit=MAX_OHLCV_LIMIT
             )
-            for page in pages:
+            for batch in pages:
+                page = batch.to_frame()
                 api_calls += 1
                 if last_row is not None:
                     _check_seam(out_path, last_row, page, client.id, symbol)

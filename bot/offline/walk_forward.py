@@ -35,7 +35,6 @@ from strategies.candles import CANDLE_MS
 log = structlog.get_logger("ritmo.evaluate")
 
 
-
 DEFAULT_COSTS = (0.0, 0.0004, 0.001, 0.002)
 
 

@@ -449,5 +449,3 @@ def _in_clause(column: str, values: Sequence[str]) -> tuple[list[str], list[Any]
     if not values:
         return [], []
     return [f"{column} IN ({', '.join('?' for _ in values)})"], list(values)
-
-
