@@ -40,6 +40,24 @@ def print_machine(libs: Sequence[str] = ("numpy", "pandas", "torch")) -> None:
         )
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS since it started (VmHWM), in MB.
+
+    Not `ru_maxrss`: Linux carries a forked child's high-water mark across exec, so a child started by a
+    large parent (one holding torch, pandas and a year of candles) would report the parent's size.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def write_figures(path: str | None, figures: dict[str, Any]) -> None:
     """Write a benchmark's figures as JSON to `path` (for `bench_all.py`'s table); nothing without a path."""
     if path:

@@ -5,7 +5,7 @@ Prints, for a run with online learning and one without:
     and the feed step before it (the replay market; no network);
   - time per online update of a 288-step episode (policy_gradient_step + atomic checkpoint save + record);
   - total wall time of the month (start-up excluded, then included);
-  - peak RSS of the process (resource.getrusage ru_maxrss).
+  - peak RSS of the process (VmHWM, bench_common.peak_rss_mb).
 Each run is its own subprocess, so its peak RSS is its own. Logs are rendered as JSON (as under systemd) into
 /dev/null, so their cost is included. Targets (issue 4): p99 <= 20 ms, update <= 200 ms, month with learning
 <= 60 s, RSS <= 400 MB. No asserts: the figures go to benchmarks/README.md.
@@ -22,14 +22,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_common import write_figures
+from bench_common import peak_rss_mb, write_figures
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "binance_BTCUSDT_5m_2024.csv.gz"
@@ -97,7 +96,9 @@ def child(args: argparse.Namespace) -> None:
     def recording_tick(self: Daemon, now_ms: int):  # type: ignore[no-untyped-def]
         out = original(self, now_ms)
         if out is not None:
-            outcomes.append(out)
+            # Numbers only: keeping a year of TickOutcome objects would add tens of MB to the measured RSS.
+            update_ms = out.update.wall_ms if out.update is not None else None
+            outcomes.append((out.latency_ms, out.feed_ms, update_ms, out.ts_ms))
         return out
 
     Daemon.tick = recording_tick  # type: ignore[method-assign]
@@ -128,11 +129,11 @@ def child(args: argparse.Namespace) -> None:
     runner.run_replay(settings, ns, service.StopSignal())
     t_end = time.perf_counter()
 
-    lat = np.array([o.latency_ms for o in outcomes])
-    feed = np.array([o.feed_ms for o in outcomes])
-    updates = [o.update.wall_ms for o in outcomes if o.update is not None]
-    ticks_with_update = np.array([o.latency_ms for o in outcomes if o.update is not None])
-    first_tick = outcomes[0] if outcomes else None
+    lat = np.array([o[0] for o in outcomes])
+    feed = np.array([o[1] for o in outcomes])
+    updates = [o[2] for o in outcomes if o[2] is not None]
+    ticks_with_update = np.array([o[0] for o in outcomes if o[2] is not None])
+    first_tick_ts_ms = outcomes[0][3] if outcomes else None
     print(
         json.dumps(
             {
@@ -148,8 +149,8 @@ def child(args: argparse.Namespace) -> None:
                 "tick_with_update_max_ms": float(ticks_with_update.max()) if len(ticks_with_update) else None,
                 "month_wall_s": t_end - t_ready,
                 "process_wall_s": t_end - t_start,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "first_tick": first_tick.ts_ms if first_tick else None,
+                "peak_rss_mb": peak_rss_mb(),
+                "first_tick": first_tick_ts_ms,
             }
         ),
         flush=True,
@@ -157,12 +158,13 @@ def child(args: argparse.Namespace) -> None:
 
 
 PAPER_CHILD = """
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
 from bot.cli import main
+from bench_common import peak_rss_mb
 code = main(sys.argv[1:])
 heavy = sorted(m for m in ("pandas", "pyarrow", "ta", "torch._dynamo", "sympy") if m in sys.modules)
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss = peak_rss_mb()
 print(json.dumps({"code": code, "wall_s": time.perf_counter() - t0, "peak_rss_mb": rss, "heavy": heavy}))
 """
 
@@ -182,7 +184,7 @@ def paper_tick(checkpoint: str, tmp: Path) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RITMO_")}
         env.update(
             {
-                "PYTHONPATH": str(REPO),
+                "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'benchmarks'}",
                 "RITMO_MODE": "paper",
                 "RITMO_EXCHANGE_CONFIG": json.dumps(fake.ccxt_config(timeout_ms=5_000)),
                 "RITMO_CHECKPOINT": checkpoint,

@@ -98,7 +98,7 @@ def test_a_refetched_hole_or_cleared_buffer_rebuilds(bundle: ModelBundle, candle
     _assert_same(obs.observation(buf), observe(buf.window(history).to_frame(), bundle))
 
 
-def test_drift_is_logged_and_repaired_by_the_daily_recompute(bundle: ModelBundle, candles: pd.DataFrame) -> None:
+def test_drift_is_logged_and_repaired_by_the_periodic_recompute(bundle: ModelBundle, candles: pd.DataFrame) -> None:
     history = history_needed(bundle)
     buf = CandleBuffer(CAPACITY)
     obs = BufferObserver(bundle, check_every_ticks=3)
@@ -121,3 +121,18 @@ def test_drift_is_logged_and_repaired_by_the_daily_recompute(bundle: ModelBundle
     buf.extend(_batch(candles.iloc[2001:2002]))
     obs.sync(buf)
     _assert_same(obs.observation(buf), observe(buf.window(history).to_frame(), bundle))
+
+
+def test_the_periodic_recompute_agrees_with_a_healthy_engine(bundle: ModelBundle, candles: pd.DataFrame) -> None:
+    """Thousands of candles with a check every 50 ticks: the fresh engine always agrees, nothing is replaced."""
+    buf = CandleBuffer(CAPACITY)
+    obs = BufferObserver(bundle, check_every_ticks=50)
+    buf.extend(_batch(candles.iloc[:1500]))
+    with structlog.testing.capture_logs() as logs:
+        for i in range(1500, len(candles)):
+            buf.extend(_batch(candles.iloc[i : i + 1]))
+            obs.sync(buf)
+            assert obs.observation(buf) is not None
+    assert (len(candles) - 1500) // 50 >= 20  # the guard really ran, many times
+    assert not [e for e in logs if e["event"] == "feature_drift"]
+    assert obs.rebuilds == 1
