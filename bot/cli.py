@@ -6,9 +6,12 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from bot.errors import EXIT_RUNTIME, RitmoError
@@ -45,10 +48,30 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if argv is None or name == chosen:
-            module = importlib.import_module(module_name)
+            module = _import_command(module_name)
             module.add_arguments(p)
             p.set_defaults(_module=module)
     return parser
+
+
+def _import_command(module_name: str) -> ModuleType:
+    """Import a command's module with Ctrl-C held back until the import is done, then raised.
+
+    A KeyboardInterrupt raised while torch's C++ start-up code is calling into Python aborts the whole process
+    ("terminate called after throwing an instance of 'pybind11::error_already_set'", SIGABRT) instead of
+    unwinding; so SIGINT only sets a flag during the import, and the interrupt is raised after it.
+    """
+    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGINT)):
+        return importlib.import_module(module_name)  # SIGINT ignored (or not ours to touch): nothing to defer
+    interrupted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    try:
+        module = importlib.import_module(module_name)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
+    return module
 
 
 def _command_in(argv: Sequence[str]) -> str | None:
