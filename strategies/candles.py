@@ -138,6 +138,12 @@ def _number_or_nan(x: object) -> float:
         return math.nan
 
 
+def last_copy_rows(ts_ms: np.ndarray) -> np.ndarray:
+    """Rows (int) that keep the last copy of each open time in ts_ms (n,), in time order."""
+    first_in_reversed = np.unique(ts_ms[::-1], return_index=True)[1]
+    return len(ts_ms) - 1 - first_in_reversed
+
+
 def _whole_ms(t: object) -> int:
     """An exchange row's timestamp as int epoch ms; ValueError unless it is a whole, finite number."""
     if isinstance(t, int) and not isinstance(t, bool):
@@ -164,9 +170,8 @@ def ohlcv_batch(rows: Iterable[Sequence[object]], now_ms: int) -> CandleBatch:
         raise ValueError("an OHLCV row has fewer than 6 fields (timestamp, open, high, low, close, volume)")
     ts = np.array([_whole_ms(r[0]) for r in rows], dtype=np.int64)
     values = np.array([[_number_or_nan(x) for x in r[1:6]] for r in rows], dtype=np.float64)
-    # The last copy of a candle is the freshest one the exchange sent: keep each ts_ms's last row, in time order.
-    last_first = np.unique(ts[::-1], return_index=True)[1]
-    keep = len(ts) - 1 - last_first
+    # The last copy of a candle is the freshest one the exchange sent.
+    keep = last_copy_rows(ts)
     # The exchange's last row is usually the still-forming candle: its OHLCV would still change.
     keep = keep[ts[keep] + CANDLE_MS <= int(now_ms)]
     return CandleBatch(np.ascontiguousarray(ts[keep]), np.ascontiguousarray(values[keep]))

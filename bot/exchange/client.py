@@ -44,7 +44,7 @@ from bot.errors import (
     UnknownSymbolError,
 )
 from bot.exchange.rules import CLIENT_ORDER_ID_RE, MarketRules
-from strategies.candles import CANDLE_MS, CandleBatch, ohlcv_batch
+from strategies.candles import CANDLE_MS, CandleBatch, last_copy_rows, ohlcv_batch
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -714,9 +714,7 @@ class ExchangeClient:
             return CandleBatch.empty()
         ts = np.concatenate([p.ts_ms for p in pages])
         values = np.concatenate([p.values for p in pages])
-        # A candle on two pages: the later page's copy is the fresher one.
-        last_first = np.unique(ts[::-1], return_index=True)[1]
-        keep = len(ts) - 1 - last_first
+        keep = last_copy_rows(ts)  # a candle on two pages: the later page's copy is the fresher one
         return CandleBatch(np.ascontiguousarray(ts[keep]), np.ascontiguousarray(values[keep]))
 
     def fetch_closed_candles(

@@ -34,11 +34,13 @@ from strategies.candles import (
     validate_candle_arrays,
 )
 
-__all__ = ["load_candle_batch", "log_gaps"]
+__all__ = ["FILE_COLUMNS", "load_candle_batch", "log_gaps"]
 
 log = structlog.get_logger(__name__)
 
-PLAIN_HEADER = ",".join(("timestamp", *VALUE_COLUMNS))
+# The on-disk header (`timestamp` is `ts_ms` in memory), as `save_candles` writes it.
+FILE_COLUMNS = ("timestamp", *VALUE_COLUMNS)
+PLAIN_HEADER = ",".join(FILE_COLUMNS)
 # Float64 holds every integer below 2**53 exactly; epoch milliseconds are ~1.7e12.
 _EXACT_INT_LIMIT = 2.0**53
 

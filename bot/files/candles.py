@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import structlog
 
 from bot.errors import CandleFileError
-from bot.files.candle_batch import log_gaps
+from bot.files.candle_batch import FILE_COLUMNS, log_gaps
 from strategies.candles import (
     CANDLE_MS,
     COLUMNS,
@@ -58,8 +58,6 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-# The on-disk header; `timestamp` is `ts_ms` in memory.
-FILE_COLUMNS = ("timestamp", *VALUE_COLUMNS)
 _TO_MEMORY = {"timestamp": "ts_ms"}
 _SUFFIXES = ".csv, .csv.gz or .parquet"
 # Level 6 writes a year of candles about 3x faster than 9 for a file about 3% larger.
