@@ -177,11 +177,6 @@ def ohlcv_batch(rows: Iterable[Sequence[object]], now_ms: int) -> CandleBatch:
     return CandleBatch(np.ascontiguousarray(ts[keep]), np.ascontiguousarray(values[keep]))
 
 
-def normalize_ohlcv_rows(rows: Iterable[Sequence[object]], now_ms: int) -> pd.DataFrame:
-    """`ohlcv_batch` as a candle frame."""
-    return ohlcv_batch(rows, now_ms).to_frame()
-
-
 def slice_period(df: pd.DataFrame, from_ms: int | None = None, to_ms: int | None = None) -> pd.DataFrame:
     """Candles with `from_ms <= ts_ms < to_ms` (either bound may be None), index reset."""
     ts = df["ts_ms"].to_numpy()

@@ -100,9 +100,9 @@ def test_load_markets_limits_time_and_candles(fake: FakeBinance) -> None:
     assert -4_500 < ex.options["timeDifference"] < -3_500
     now = client.server_time_ms()
     assert abs(now - fake.server_ms()) < 1_000
-    candles = client.fetch_closed_candles(SYMBOL, now - 10 * 300_000, now)
+    candles = client.fetch_closed_candle_batch(SYMBOL, now - 10 * 300_000, now)
     assert 9 <= len(candles) <= 10
-    assert int(candles["ts_ms"].iloc[-1]) + 300_000 <= now  # the forming candle is dropped
+    assert int(candles.ts_ms[-1]) + 300_000 <= now  # the forming candle is dropped
     assert client.fetch_balance()["USDT"]["free"] == 10_000.0
     assert client.fetch_ticker(SYMBOL)["last"] == 50_000.0  # ccxt reads /api/v3/ticker/24hr
     assert {r.path for r in fake.requests} <= {

@@ -19,7 +19,7 @@ from strategies.candles import (
     CandleValidationError,
     Gap,
     iso_utc,
-    normalize_ohlcv_rows,
+    ohlcv_batch,
     parse_utc_date_ms,
     slice_period,
     validate_candles,
@@ -281,20 +281,20 @@ def test_validate_candles_messages_use_rows_without_file() -> None:
         validate_candles(df.iloc[:0])
 
 
-def test_normalize_ohlcv_rows_dedupes_sorts_and_drops_forming() -> None:
+def test_ohlcv_batch_dedupes_sorts_and_drops_forming() -> None:
     rows = [
         [T0 + CANDLE_MS, 2, 3, 1, 2, 5],
         [T0, 1, 2, 0.5, 1.5, 4],
         [T0 + CANDLE_MS, 2, 4, 1, 3, 6],  # a later copy of the same candle wins
         [T0 + 2 * CANDLE_MS, 3, 3, 3, 3, 1],  # forming at now
     ]
-    df = normalize_ohlcv_rows(rows, now_ms=T0 + 2 * CANDLE_MS + 10_000)
-    assert df["ts_ms"].tolist() == [T0, T0 + CANDLE_MS]
-    assert df["close"].tolist() == [1.5, 3.0]
-    assert df["ts_ms"].dtype == np.int64 and df["open"].dtype == np.float64
+    batch = ohlcv_batch(rows, now_ms=T0 + 2 * CANDLE_MS + 10_000)
+    assert batch.ts_ms.tolist() == [T0, T0 + CANDLE_MS]
+    assert batch.column("close").tolist() == [1.5, 3.0]
+    assert batch.ts_ms.dtype == np.int64 and batch.values.dtype == np.float64
     # Closed exactly at now: kept.
-    assert len(normalize_ohlcv_rows(rows, now_ms=T0 + 3 * CANDLE_MS)) == 3
-    assert list(normalize_ohlcv_rows([], now_ms=T0).columns) == list(COLUMNS)
+    assert len(ohlcv_batch(rows, now_ms=T0 + 3 * CANDLE_MS)) == 3
+    assert list(ohlcv_batch([], now_ms=T0).to_frame().columns) == list(COLUMNS)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import socket
 from typing import Any
 
 import ccxt
+import numpy as np
 import pandas as pd
 import pytest
 from structlog.testing import capture_logs
@@ -234,15 +235,15 @@ def test_make_exchange_refuses(exchange_id: str, config: dict | None, match: str
 # ---- reads against the fake exchange -----------------------------------------------------------------
 
 
-def test_fetch_closed_candles_drops_forming_and_pages() -> None:
+def test_fetch_closed_candle_batch_drops_forming_and_pages() -> None:
     fake = FakeExchange(_candles(2_500), now_ms=T0 + 2_499 * CANDLE_MS + 60_000)
     raw = fake.fetch_ohlcv("BTC/USDT", "5m", since=T0 + 2_490 * CANDLE_MS, limit=1000)
     assert raw[-1][0] == T0 + 2_499 * CANDLE_MS  # the fake serves the forming candle, as Binance does
     assert raw[-1][4] != 101.0  # ... with a partial close
-    df = ExchangeClient(fake, sleep=Recorder()).fetch_closed_candles("BTC/USDT", T0, fake.now_ms)
-    assert len(df) == 2_499
-    assert df["ts_ms"].iloc[-1] == T0 + 2_498 * CANDLE_MS
-    assert df["ts_ms"].is_unique and df["ts_ms"].is_monotonic_increasing
+    batch = ExchangeClient(fake, sleep=Recorder()).fetch_closed_candle_batch("BTC/USDT", T0, fake.now_ms)
+    assert len(batch) == 2_499
+    assert batch.ts_ms[-1] == T0 + 2_498 * CANDLE_MS
+    assert bool((np.diff(batch.ts_ms) > 0).all())  # unique and increasing
     limits = [kw["limit"] for name, kw in fake.call_log if name == "fetch_ohlcv"]
     assert all(limit <= 1000 for limit in limits)
     assert fake.calls["fetch_ohlcv"] == 1 + 3

@@ -47,7 +47,7 @@ from bot.exchange.rules import CLIENT_ORDER_ID_RE, MarketRules
 from strategies.candles import CANDLE_MS, CandleBatch, last_copy_rows, ohlcv_batch
 
 if TYPE_CHECKING:
-    import pandas as pd
+    pass
 
 log = structlog.get_logger(__name__)
 
@@ -716,18 +716,6 @@ class ExchangeClient:
         values = np.concatenate([p.values for p in pages])
         keep = last_copy_rows(ts)  # a candle on two pages: the later page's copy is the fresher one
         return CandleBatch(np.ascontiguousarray(ts[keep]), np.ascontiguousarray(values[keep]))
-
-    def fetch_closed_candles(
-        self,
-        symbol: str,
-        since_ms: int,
-        now_ms: int,
-        timeframe: str = SUPPORTED_TIMEFRAME,
-        *,
-        until_ms: int | None = None,
-    ) -> pd.DataFrame:
-        """`fetch_closed_candle_batch` as a candle frame."""
-        return self.fetch_closed_candle_batch(symbol, since_ms, now_ms, timeframe, until_ms=until_ms).to_frame()
 
     def fetch_ticker(self, symbol: str, *, quick: bool = False) -> dict[str, Any]:
         """The ticker of `symbol` (retried; `quick`: two attempts, for a price needed right now)."""
