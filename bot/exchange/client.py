@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import ccxt
 import numpy as np
@@ -45,9 +45,6 @@ from bot.errors import (
 )
 from bot.exchange.rules import CLIENT_ORDER_ID_RE, MarketRules
 from strategies.candles import CANDLE_MS, CandleBatch, last_copy_rows, ohlcv_batch
-
-if TYPE_CHECKING:
-    pass
 
 log = structlog.get_logger(__name__)
 
